@@ -1,0 +1,137 @@
+//! Confirmed, mandatory publishing that cannot silently drop a message.
+//!
+//! Every publish waits for the broker's confirm. A nack, or a confirm that never comes because
+//! the channel was recovered, is retried; a message returned as unroutable is an error (the
+//! results exchange has an alternate exchange, so it should never happen).
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+/// Times one message is tried before the caller is told.
+const PUBLISH_ATTEMPTS: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no queue took the message (exchange {exchange}, routing key {routing_key})")]
+    Unroutable { exchange: String, routing_key: String },
+    #[error("the broker refused the message {0} times")]
+    Nacked(u32),
+    #[error("broker unavailable: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub content_type: &'a str,
+    pub message_id: Option<&'a str>,
+    /// Headers as (name, value) text pairs, plus any given as AMQP values.
+    pub headers: FieldTable,
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn new(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            exchange,
+            routing_key,
+            body,
+            content_type: "application/json",
+            message_id: None,
+            headers: FieldTable::default(),
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(
+            name.into(),
+            AMQPValue::LongString(LongString::from(value.as_bytes().to_vec())),
+        );
+        self
+    }
+}
+
+/// A channel in confirm mode, shared by all tasks of a process.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> Result<Publisher, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher { channel })
+    }
+
+    /// The channel, to declare topology on.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes persistently and waits until the broker has confirmed it.
+    pub async fn publish(&self, message: &Outgoing<'_>) -> Result<(), PublishError> {
+        let mut nacks = 0;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(message.content_type.into())
+                .with_headers(message.headers.clone());
+            if let Some(id) = message.message_id {
+                properties = properties.with_message_id(id.into());
+            }
+            let sent = self
+                .channel
+                .basic_publish(
+                    message.exchange.into(),
+                    message.routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    message.body,
+                    properties,
+                )
+                .await;
+            let confirmed = match sent {
+                Ok(confirm) => confirm.await,
+                Err(err) => Err(err),
+            };
+            match confirmed {
+                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => return Ok(()),
+                Ok(Confirmation::Ack(Some(_))) | Ok(Confirmation::Nack(Some(_))) => {
+                    return Err(PublishError::Unroutable {
+                        exchange: message.exchange.to_owned(),
+                        routing_key: message.routing_key.to_owned(),
+                    });
+                }
+                Ok(Confirmation::Nack(None)) => {
+                    nacks += 1;
+                    if attempt >= PUBLISH_ATTEMPTS {
+                        return Err(PublishError::Nacked(nacks));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+                Err(err) => {
+                    if attempt >= PUBLISH_ATTEMPTS {
+                        return Err(err.into());
+                    }
+                    tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
+                    if let Err(err) = self.channel.wait_for_recovery(err).await {
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                        if attempt >= PUBLISH_ATTEMPTS {
+                            return Err(err.into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

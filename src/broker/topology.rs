@@ -1,0 +1,187 @@
+//! Exchange and queue names, and declaring them.
+//!
+//! ```text
+//! tickets.events (topic) ──ticket.*──▶ copilot.worker.<name> (quorum, delivery limit, DLX)
+//!                                          │ parked: copilot.delay.<name>.<secs>s (TTL) ─┐
+//!                                          │ ◀──────────── dead-lettered back ───────────┘
+//!                                          ▼ dead letters
+//! copilot.dlx (topic) ──#──▶ copilot.dead_letters (quorum)
+//! copilot.results (topic, alternate exchange copilot.results.unrouted ──▶ queue of that name)
+//! ```
+//! Every name carries the configured prefix, so isolated installations can share a broker.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Steps, in seconds, of the delay queues that hold parked events.
+pub const DELAY_STEPS_SECS: [u64; 5] = [30, 60, 120, 300, 900];
+
+/// The names of every exchange and queue, for one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+    delivery_limit: u32,
+}
+
+fn long(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+impl Topology {
+    pub fn new(prefix: &str, delivery_limit: u32) -> Topology {
+        Topology {
+            prefix: prefix.to_owned(),
+            delivery_limit,
+        }
+    }
+
+    fn name(&self, base: &str) -> String {
+        format!("{}{}", self.prefix, base)
+    }
+
+    /// Where helpdesks publish ticket events (topic, routing key = event type).
+    pub fn events_exchange(&self) -> String {
+        self.name("tickets.events")
+    }
+
+    /// Where results are published (topic).
+    pub fn results_exchange(&self) -> String {
+        self.name("copilot.results")
+    }
+
+    /// Receives results no consumer queue is bound for, so none is lost.
+    pub fn unrouted_results(&self) -> String {
+        self.name("copilot.results.unrouted")
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        self.name("copilot.dlx")
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        self.name("copilot.dead_letters")
+    }
+
+    pub fn worker_queue(&self, worker: &str) -> String {
+        self.name(&format!("copilot.worker.{worker}"))
+    }
+
+    pub fn delay_queue(&self, worker: &str, secs: u64) -> String {
+        self.name(&format!("copilot.delay.{worker}.{secs}s"))
+    }
+
+    /// The smallest delay step at least as long as `wanted` (the largest step otherwise).
+    pub fn delay_step(wanted: std::time::Duration) -> u64 {
+        DELAY_STEPS_SECS
+            .into_iter()
+            .find(|step| *step >= wanted.as_secs())
+            .unwrap_or(DELAY_STEPS_SECS[DELAY_STEPS_SECS.len() - 1])
+    }
+
+    fn quorum_args(&self, dead_letter_exchange: &str) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long("quorum"));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long(dead_letter_exchange),
+        );
+        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        args.insert("x-overflow".into(), long("reject-publish"));
+        args
+    }
+
+    /// Declares everything the given workers need. Idempotent; safe from many replicas.
+    pub async fn declare(&self, channel: &Channel, workers: &[&str]) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let exchange = |name: String| -> ShortString { name.into() };
+        channel
+            .exchange_declare(exchange(self.events_exchange()), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        channel
+            .exchange_declare(exchange(self.unrouted_results()), ExchangeKind::Fanout, durable, FieldTable::default())
+            .await?;
+        let mut results_args = FieldTable::default();
+        results_args.insert("alternate-exchange".into(), long(&self.unrouted_results()));
+        channel
+            .exchange_declare(exchange(self.results_exchange()), ExchangeKind::Topic, durable, results_args)
+            .await?;
+        channel
+            .exchange_declare(exchange(self.dead_letter_exchange()), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        let mut plain_quorum = FieldTable::default();
+        plain_quorum.insert("x-queue-type".into(), long("quorum"));
+        for queue in [self.dead_letter_queue(), self.unrouted_results()] {
+            channel
+                .queue_declare(queue.clone().into(), durable_queue, plain_quorum.clone())
+                .await?;
+        }
+        channel
+            .queue_bind(self.dead_letter_queue().into(), self.dead_letter_exchange().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(self.unrouted_results().into(), self.unrouted_results().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        for worker in workers {
+            self.declare_worker(channel, worker, durable_queue).await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_worker(
+        &self,
+        channel: &Channel,
+        worker: &str,
+        options: QueueDeclareOptions,
+    ) -> Result<(), lapin::Error> {
+        let queue = self.worker_queue(worker);
+        let mut args = self.quorum_args(&self.dead_letter_exchange());
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
+        );
+        channel.queue_declare(queue.clone().into(), options, args).await?;
+        for kind in crate::events::EventType::ALL {
+            channel
+                .queue_bind(queue.clone().into(), self.events_exchange().into(), kind.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+        for secs in DELAY_STEPS_SECS {
+            // A parked event waits here for the queue's TTL, then the broker dead-letters it
+            // through the default exchange straight back into the worker's queue.
+            let mut args = self.quorum_args("");
+            args.insert("x-dead-letter-routing-key".into(), long(&queue));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(secs * 1000).unwrap_or(i64::MAX)),
+            );
+            channel
+                .queue_declare(self.delay_queue(worker, secs).into(), options, args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes everything `declare` made (tests and the demo clean up with this).
+    pub async fn delete(&self, channel: &Channel, workers: &[&str]) -> Result<(), lapin::Error> {
+        let mut queues = vec![self.dead_letter_queue(), self.unrouted_results()];
+        for worker in workers {
+            queues.push(self.worker_queue(worker));
+            queues.extend(DELAY_STEPS_SECS.iter().map(|secs| self.delay_queue(worker, *secs)));
+        }
+        for queue in queues {
+            channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+        }
+        for exchange in [self.events_exchange(), self.results_exchange(), self.unrouted_results(), self.dead_letter_exchange()] {
+            channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! One HTTP client for every org's OpenAI-compatible `/chat/completions`.
+//!
+//! Each request carries only its own org's key, sent in the header its profile expects. The
+//! client never follows redirects and resolves names through the endpoint guard. Error
+//! bodies are read only for the provider's short error code; they are never logged or stored.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::guard::{self, EndpointRefused, GuardedResolver};
+use super::retry::{ProviderError, parse_retry_after};
+use super::Profile;
+use crate::config::EndpointPolicy;
+use crate::events::Usage;
+
+/// Largest provider answer we read.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where and as whom one request goes: one org's provider and key.
+pub struct ProviderTarget {
+    pub profile: Profile,
+    pub base_url: String,
+    pub api_key: Option<SecretString>,
+    pub model: String,
+    pub timeout: Duration,
+    /// Azure's `api-version`.
+    pub api_version: Option<String>,
+}
+
+impl std::fmt::Debug for ProviderTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderTarget")
+            .field("profile", &self.profile)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.to_owned(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The structured output we ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Nothing asked; the schema is in the prompt.
+    Text,
+    JsonObject,
+    JsonSchema { name: String, schema: Value },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    pub response_format: ResponseFormat,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatReply {
+    pub content: String,
+    pub usage: Usage,
+    /// The model that answered, as the provider names it.
+    pub model: String,
+    /// Time spent waiting on the provider.
+    pub latency: Duration,
+}
+
+/// The shared client. Cheap to clone.
+#[derive(Clone)]
+pub struct ProviderClient {
+    http: reqwest::Client,
+    policy: EndpointPolicy,
+}
+
+impl ProviderClient {
+    pub fn new(policy: EndpointPolicy) -> Result<ProviderClient, ProviderError> {
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .dns_resolver(GuardedResolver::new(policy) as Arc<_>)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .user_agent(concat!("copilot-workers/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|err| ProviderError::Connect(err.to_string()))?;
+        Ok(ProviderClient { http, policy })
+    }
+
+    pub fn policy(&self) -> EndpointPolicy {
+        self.policy
+    }
+
+    /// Sends one chat completion. When the provider refuses a parameter the model does not
+    /// take (`temperature`, `response_format`), the request is sent once more without it.
+    pub async fn chat(
+        &self,
+        target: &ProviderTarget,
+        request: &ChatRequest,
+    ) -> Result<ChatReply, ProviderError> {
+        let mut request = request.clone();
+        let mut downgrades = 0;
+        loop {
+            match self.send(target, &request).await {
+                Err(ProviderError::Status {
+                    status: 400,
+                    code: Some(ref code),
+                    ..
+                }) if downgrades < 2 && code.starts_with("param:") => {
+                    let param = &code["param:".len()..];
+                    if param == "temperature" && request.temperature.is_some() {
+                        request.temperature = None;
+                    } else if param == "response_format" {
+                        request.response_format = match request.response_format {
+                            ResponseFormat::JsonSchema { .. } => ResponseFormat::JsonObject,
+                            _ => ResponseFormat::Text,
+                        };
+                    } else {
+                        return Err(ProviderError::Status {
+                            status: 400,
+                            code: Some(code.clone()),
+                            retry_after: None,
+                        });
+                    }
+                    downgrades += 1;
+                    tracing::info!(param, "provider refused a parameter; resending without it");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        target: &ProviderTarget,
+        request: &ChatRequest,
+    ) -> Result<ChatReply, ProviderError> {
+        let mut url = guard::check_url(&target.base_url, self.policy)?;
+        {
+            let path = format!("{}/chat/completions", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+        }
+        if target.profile == Profile::Azure {
+            let version = target.api_version.as_deref().unwrap_or("2024-10-21");
+            url.query_pairs_mut().append_pair("api-version", version);
+        }
+        let mut body = json!({ "messages": request.messages });
+        if target.profile != Profile::Azure {
+            body["model"] = json!(target.model);
+        }
+        if let Some(temperature) = request.temperature {
+            body["temperature"] = json!(temperature);
+        }
+        if let Some(max_tokens) = request.max_tokens {
+            body["max_tokens"] = json!(max_tokens);
+        }
+        match &request.response_format {
+            ResponseFormat::Text => {}
+            ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
+            ResponseFormat::JsonSchema { name, schema } => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": false}
+                });
+            }
+        }
+        let mut builder = self
+            .http
+            .post(url)
+            .timeout(target.timeout)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        match (&target.api_key, target.profile) {
+            (Some(key), Profile::Azure) => {
+                builder = builder.header("api-key", sensitive(key.expose_secret())?);
+            }
+            (Some(key), _) => {
+                let value = format!("Bearer {}", key.expose_secret());
+                builder = builder.header(AUTHORIZATION, sensitive(&value)?);
+            }
+            (None, profile) if profile.requires_key() => return Err(ProviderError::MissingKey),
+            (None, _) => {}
+        }
+        let started = Instant::now();
+        let mut response = builder.send().await.map_err(|err| transport_error(err, target.timeout))?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers(), time::OffsetDateTime::now_utc());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| transport_error(err, target.timeout))?
+        {
+            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(ProviderError::Malformed("answer too large".into()));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let latency = started.elapsed();
+        if !status.is_success() {
+            return Err(ProviderError::Status {
+                status: status.as_u16(),
+                code: error_code(&bytes),
+                retry_after,
+            });
+        }
+        parse_reply(&bytes, latency, &target.model)
+    }
+}
+
+/// A header value marked sensitive, so that hyper never prints it.
+fn sensitive(text: &str) -> Result<HeaderValue, ProviderError> {
+    let mut value = HeaderValue::from_str(text).map_err(|_| ProviderError::MissingKey)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn transport_error(err: reqwest::Error, timeout: Duration) -> ProviderError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<EndpointRefused>() {
+            return ProviderError::Refused(refused.clone());
+        }
+        source = cause.source();
+    }
+    if err.is_timeout() {
+        ProviderError::Timeout(timeout)
+    } else if err.is_connect() {
+        ProviderError::Connect("connection failed".into())
+    } else {
+        ProviderError::Connect("request failed".into())
+    }
+}
+
+/// Extracts a short, safe identifier from an error body: `param:<name>` for a refused
+/// parameter, else the provider's `code` or `type`. Never the message text.
+fn error_code(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let error = value.get("error")?;
+    let clean = |text: &str| -> Option<String> {
+        let ok = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        ok.then(|| text.to_owned())
+    };
+    let code = error.get("code").and_then(Value::as_str).and_then(clean);
+    let param = error.get("param").and_then(Value::as_str).and_then(clean);
+    if code.as_deref() == Some("insufficient_quota") {
+        return code;
+    }
+    if let Some(param) = param
+        && matches!(param.as_str(), "temperature" | "response_format")
+    {
+        return Some(format!("param:{param}"));
+    }
+    code.or_else(|| error.get("type").and_then(Value::as_str).and_then(clean))
+}
+
+fn parse_reply(bytes: &[u8], latency: Duration, requested_model: &str) -> Result<ChatReply, ProviderError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|_| ProviderError::Malformed("not JSON".into()))?;
+    let content = value
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ProviderError::Malformed("no choices[0].message.content".into()))?;
+    let tokens = |name: &str| {
+        value
+            .pointer(&format!("/usage/{name}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok(ChatReply {
+        content: content.to_owned(),
+        usage: Usage {
+            prompt_tokens: tokens("prompt_tokens"),
+            completion_tokens: tokens("completion_tokens"),
+        },
+        model: value
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or(requested_model)
+            .to_owned(),
+        latency,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_short_identifiers_only() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-abc...wxyz","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        assert_eq!(error_code(body).as_deref(), Some("invalid_api_key"));
+        let body = br#"{"error":{"message":"x","code":"has spaces sk-123"}}"#;
+        assert_eq!(error_code(body), None);
+        let body = br#"{"error":{"message":"unsupported","param":"temperature","code":"unsupported_value"}}"#;
+        assert_eq!(error_code(body).as_deref(), Some("param:temperature"));
+        assert_eq!(error_code(b"<html>"), None);
+    }
+
+    #[test]
+    fn replies_are_parsed() {
+        let body = br#"{"model":"m-1","choices":[{"message":{"role":"assistant","content":"{}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let reply = parse_reply(body, Duration::ZERO, "asked").unwrap();
+        assert_eq!(reply.content, "{}");
+        assert_eq!(reply.usage.completion_tokens, 4);
+        assert_eq!(reply.model, "m-1");
+        assert!(parse_reply(b"{}", Duration::ZERO, "m").is_err());
+    }
+}

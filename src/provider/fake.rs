@@ -1,0 +1,245 @@
+//! A built-in fake OpenAI-compatible provider on 127.0.0.1, for `demo` and `bench`.
+//!
+//! It answers `/chat/completions` with plausible, schema-valid output derived from the ticket
+//! text in the prompt, after an optional delay. It exists only inside the process that starts
+//! it, on a random loopback port: no org config points at it unless that process sets one up,
+//! and it is never a fallback for an org without a config.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// How the fake behaves.
+#[derive(Debug, Clone)]
+pub struct FakeBehaviour {
+    /// Time taken per answer.
+    pub latency: Duration,
+    /// The bearer token it requires; `None` accepts any.
+    pub expected_key: Option<String>,
+}
+
+struct FakeState {
+    behaviour: FakeBehaviour,
+    requests: AtomicU64,
+}
+
+/// A running fake provider.
+pub struct FakeProvider {
+    pub addr: SocketAddr,
+    state: Arc<FakeState>,
+    shutdown: CancellationToken,
+}
+
+impl FakeProvider {
+    /// Starts on a random loopback port.
+    pub async fn start(behaviour: FakeBehaviour) -> std::io::Result<FakeProvider> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(FakeState {
+            behaviour,
+            requests: AtomicU64::new(0),
+        });
+        let shutdown = CancellationToken::new();
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", axum::routing::post(answer))
+            .with_state(state.clone());
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+        });
+        Ok(FakeProvider {
+            addr,
+            state,
+            shutdown,
+        })
+    }
+
+    /// The base URL an org config would use.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn answer(State(state): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if let Some(expected) = &state.behaviour.expected_key {
+        let given = headers
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if given != Some(expected.as_str()) {
+            let error = json!({"error": {"message": "invalid key", "type": "invalid_request_error", "code": "invalid_api_key"}});
+            return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
+        }
+    }
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    if !state.behaviour.latency.is_zero() {
+        tokio::time::sleep(state.behaviour.latency).await;
+    }
+    let worker = body
+        .pointer("/response_format/json_schema/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let schema = body
+        .pointer("/response_format/json_schema/schema")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let prompt = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|messages| messages.last())
+        .and_then(|message| message.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let output = compose(worker, &schema, prompt);
+    let content = output.to_string();
+    let reply = json!({
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "model": body.get("model").and_then(Value::as_str).unwrap_or("fake-model"),
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt.len().div_ceil(4), "completion_tokens": content.len().div_ceil(4)}
+    });
+    Json(reply).into_response()
+}
+
+fn line_after<'a>(prompt: &'a str, label: &str) -> Option<&'a str> {
+    prompt
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .map(str::trim)
+}
+
+fn first_sentence(text: &str) -> String {
+    let end = text.find(['.', '!', '?']).map_or(text.len(), |i| i + 1);
+    text[..end].trim().chars().take(160).collect()
+}
+
+fn guess_language(text: &str) -> &'static str {
+    let lower = format!(" {} ", text.to_lowercase());
+    let score = |words: &[&str]| words.iter().filter(|w| lower.contains(&format!(" {w} "))).count();
+    let candidates = [
+        ("de", score(&["der", "die", "und", "nicht", "ich", "ist"])),
+        ("fr", score(&["le", "la", "et", "je", "pas", "est"])),
+        ("es", score(&["el", "los", "y", "no", "está", "mi"])),
+        ("en", score(&["the", "and", "is", "my", "not", "i"])),
+    ];
+    candidates.iter().max_by_key(|(_, s)| *s).map_or("en", |(lang, _)| lang)
+}
+
+/// Builds an output for `worker` from the prompt text; unknown workers get a minimal
+/// instance of their schema.
+fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
+    let subject = line_after(prompt, "Subject:").unwrap_or("the ticket");
+    let customer: Vec<&str> = prompt
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("[customer]"))
+        .map(str::trim)
+        .collect();
+    let latest = customer.last().copied().unwrap_or(subject);
+    let lower = prompt.to_lowercase();
+    let negative = ["angry", "unacceptable", "refund", "broken", "down", "frustrat", "again", "worst", "cancel"]
+        .iter()
+        .filter(|w| lower.contains(*w))
+        .count();
+    let urgent = ["urgent", "asap", "outage", "down", "immediately"].iter().any(|w| lower.contains(w));
+    match worker {
+        "summarize" => json!({
+            "summary": format!("{} The customer writes: {}", first_sentence(subject), first_sentence(latest)),
+            "key_points": customer.iter().take(3).map(|m| first_sentence(m)).collect::<Vec<_>>(),
+            "open_questions": if lower.contains('?') { vec!["Which account or order is affected?".to_owned()] } else { vec![] },
+        }),
+        "triage" => {
+            let categories: Vec<String> = schema
+                .pointer("/properties/category/enum")
+                .and_then(Value::as_array)
+                .map(|values| values.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default();
+            let category = categories
+                .iter()
+                .find(|c| lower.contains(&c.to_lowercase()))
+                .or(categories.first())
+                .cloned()
+                .unwrap_or_else(|| if lower.contains("invoice") || lower.contains("refund") { "billing".into() } else { "technical".into() });
+            json!({
+                "category": category,
+                "priority": if urgent { "urgent" } else if negative > 1 { "high" } else { "normal" },
+                "tags": if lower.contains("refund") { vec!["refund"] } else { vec![] },
+                "confidence": 0.82,
+            })
+        }
+        "sentiment" => {
+            let (label, score) = match negative {
+                0 => ("neutral", 0.1),
+                1 => ("negative", -0.4),
+                _ => ("very_negative", -0.8),
+            };
+            json!({"sentiment": label, "score": score, "confidence": 0.77})
+        }
+        "language" => json!({"language": guess_language(latest), "confidence": 0.9}),
+        "reply_draft" => {
+            let language = line_after(prompt, "Reply language:").filter(|l| l.len() == 2).unwrap_or_else(|| guess_language(latest));
+            json!({
+                "reply": format!("Hello,\n\nthank you for reaching out about \"{subject}\". We are looking into it and will get back to you shortly.\n\nBest regards,\nSupport"),
+                "language": language,
+                "tone": line_after(prompt, "Tone:").unwrap_or("friendly"),
+            })
+        }
+        _ => instance_of(schema),
+    }
+}
+
+/// A minimal instance of a JSON Schema: required properties with placeholder values.
+fn instance_of(schema: &Value) -> Value {
+    if let Some(first) = schema.get("enum").and_then(Value::as_array).and_then(|v| v.first()) {
+        return first.clone();
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let mut object = serde_json::Map::new();
+            let required = schema.get("required").and_then(Value::as_array).cloned().unwrap_or_default();
+            for name in required.iter().filter_map(Value::as_str) {
+                let property = schema.pointer(&format!("/properties/{name}")).unwrap_or(&Value::Null);
+                object.insert(name.to_owned(), instance_of(property));
+            }
+            Value::Object(object)
+        }
+        Some("array") => json!([]),
+        Some("number") | Some("integer") => schema.get("minimum").cloned().unwrap_or(json!(0)),
+        Some("boolean") => json!(true),
+        _ => json!("example"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_workers_get_a_schema_instance() {
+        let schema = json!({"type": "object", "required": ["a", "b", "c"], "properties": {
+            "a": {"type": "string"}, "b": {"enum": ["x", "y"]}, "c": {"type": "number", "minimum": 1}}});
+        assert_eq!(instance_of(&schema), json!({"a": "example", "b": "x", "c": 1}));
+    }
+}

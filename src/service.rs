@@ -1,0 +1,182 @@
+//! The running service: connections, topology, one consumer per worker queue, the HTTP
+//! listener, and a shutdown that drains in-flight work within a grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context as _;
+use lapin::ConnectionStatus;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{self, Consumer, Publisher, Topology};
+use crate::config::Settings;
+use crate::crypto::KeyRing;
+use crate::pipeline::Pipeline;
+use crate::provider::ProviderClient;
+use crate::provider::retry::RetryPolicy;
+use crate::store::Store;
+use crate::telemetry::{self, Readiness};
+use crate::workers::Catalog;
+
+/// What `/readyz` checks.
+struct ServiceReadiness {
+    consuming: ConnectionStatus,
+    publishing: ConnectionStatus,
+    store: Store,
+    running: Arc<AtomicUsize>,
+    expected: usize,
+}
+
+impl Readiness for ServiceReadiness {
+    async fn ready(&self) -> Result<(), String> {
+        if !self.consuming.connected() || !self.publishing.connected() {
+            return Err("broker connection lost".into());
+        }
+        if !self.store.ping().await {
+            return Err("database unavailable".into());
+        }
+        let running = self.running.load(Ordering::SeqCst);
+        if running < self.expected {
+            return Err(format!("{running} of {} consumers attached", self.expected));
+        }
+        Ok(())
+    }
+}
+
+/// Signals the service sends to whoever started it (tests, demo, bench).
+#[derive(Debug, Clone, Copy)]
+pub struct Started {
+    /// Where the HTTP listener is bound.
+    pub http_addr: SocketAddr,
+}
+
+/// Runs until `shutdown` fires, then drains. `on_start` is told once consumers are attached.
+pub async fn run(
+    settings: &Settings,
+    keys: Arc<KeyRing>,
+    catalog: Catalog,
+    shutdown: CancellationToken,
+    on_start: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> anyhow::Result<()> {
+    let store = Store::connect(&settings.database_url, 32)?;
+    check_database(&store, &keys).await?;
+    let consuming = Arc::new(
+        broker::connect(&settings.amqp_url, "copilot-workers consume")
+            .await
+            .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?,
+    );
+    let publishing = broker::connect(&settings.amqp_url, "copilot-workers publish")
+        .await
+        .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
+    let publisher = Publisher::new(&publishing).await?;
+    let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
+    let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
+    topology
+        .declare(publisher.channel(), &names)
+        .await
+        .context("cannot declare the RabbitMQ topology")?;
+
+    let abandon = CancellationToken::new();
+    let pipeline = Arc::new(Pipeline {
+        store: store.clone(),
+        keys,
+        provider: ProviderClient::new(settings.endpoint_policy)?,
+        publisher,
+        topology: topology.clone(),
+        max_event_bytes: settings.max_event_bytes,
+        retry: RetryPolicy {
+            max_attempts: settings.provider_max_attempts,
+            ..RetryPolicy::default()
+        },
+        provider_timeout: settings.provider_timeout,
+        abandon: abandon.clone(),
+    });
+
+    let running = Arc::new(AtomicUsize::new(0));
+    let readiness = Arc::new(ServiceReadiness {
+        consuming: consuming.status().clone(),
+        publishing: publishing.status().clone(),
+        store: store.clone(),
+        running: running.clone(),
+        expected: catalog.all().len(),
+    });
+    let listener = telemetry::bind(settings.http_addr).await?;
+    let http_addr = listener.local_addr()?;
+    let http_shutdown = CancellationToken::new();
+    let http = tokio::spawn(telemetry::serve(
+        listener,
+        readiness,
+        axum::Router::new(),
+        http_shutdown.clone(),
+    ));
+    tracing::info!(%http_addr, "listening for /metrics, /healthz, /readyz");
+
+    let deliveries = TaskTracker::new();
+    let consumers = TaskTracker::new();
+    for worker in catalog.all() {
+        let consumer = Consumer {
+            queue: topology.worker_queue(worker.name()),
+            prefetch: settings.prefetch,
+        };
+        let pipeline = pipeline.clone();
+        let worker = worker.clone();
+        let connection = consuming.clone();
+        let tracker = deliveries.clone();
+        let token = shutdown.clone();
+        let running = running.clone();
+        consumers.spawn(async move {
+            consumer
+                .run(&connection, &tracker, token, running, move |delivery| {
+                    pipeline.clone().handle(worker.clone(), delivery)
+                })
+                .await;
+        });
+    }
+    consumers.close();
+    wait_attached(&running, catalog.all().len(), &shutdown).await;
+    if let Some(on_start) = on_start {
+        let _ = on_start.send(Started { http_addr });
+    }
+    tracing::info!(workers = ?names, "copilot-workers running");
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new deliveries; draining in-flight work");
+    consumers.wait().await;
+    deliveries.close();
+    if tokio::time::timeout(settings.shutdown_grace, deliveries.wait()).await.is_err() {
+        tracing::warn!("grace period over; unfinished deliveries go back to the broker");
+        abandon.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), deliveries.wait()).await;
+    }
+    // Closing the connections hands any unacked delivery back to the broker.
+    let _ = consuming.close(200, "shutdown".into()).await;
+    let _ = publishing.close(200, "shutdown".into()).await;
+    http_shutdown.cancel();
+    let _ = http.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_attached(running: &AtomicUsize, expected: usize, shutdown: &CancellationToken) {
+    while running.load(Ordering::SeqCst) < expected && !shutdown.is_cancelled() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Refuses to start on an unmigrated database or on stored keys this key ring cannot open.
+async fn check_database(store: &Store, keys: &KeyRing) -> anyhow::Result<()> {
+    let key_ids = store
+        .sealed_key_ids()
+        .await
+        .context("cannot read provider configs; is the database up and migrated (`copilot-workers migrate`)?")?;
+    let unknown: Vec<&String> = key_ids.iter().filter(|id| !keys.knows(id)).collect();
+    if !unknown.is_empty() {
+        anyhow::bail!(
+            "stored API keys were sealed with master key id(s) {unknown:?}, which are not in COPILOT_MASTER_KEY (it holds {:?}). Add the old key after the active one and run `copilot-workers keys rotate`.",
+            keys.key_ids()
+        );
+    }
+    Ok(())
+}

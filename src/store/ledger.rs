@@ -1,0 +1,121 @@
+//! The idempotency ledger: the decided result of each (event id, worker).
+//!
+//! A result is recorded *before* it is published and the delivery acked. A redelivery finds
+//! the row and republishes the very same result (same id, same bytes) without calling the
+//! provider; when two replicas race on one event, the first insert wins and both publish it.
+
+use serde_json::Value;
+use tokio_postgres::types::Json;
+
+use super::{Store, StoreError};
+
+/// One decided (event, worker).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerEntry {
+    pub event_id: String,
+    pub worker: String,
+    pub org_id: String,
+    pub ticket_id: String,
+    pub result_id: String,
+    /// `completed` or `failed`.
+    pub outcome: String,
+    /// Hash of what the worker was given; lets an unchanged ticket be skipped.
+    pub input_hash: Option<String>,
+    /// The full result event as published.
+    pub result: Value,
+}
+
+impl Store {
+    /// The recorded result for (event, worker), if any.
+    pub async fn ledger_entry(
+        &self,
+        event_id: &str,
+        worker: &str,
+    ) -> Result<Option<LedgerEntry>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT org_id, ticket_id, result_id, outcome, input_hash, result \
+                 FROM processed_events WHERE event_id = $1 AND worker = $2",
+            )
+            .await?;
+        let row = client.query_opt(&statement, &[&event_id, &worker]).await?;
+        row.map(|row| {
+            let Json(result): Json<Value> = row.try_get(5)?;
+            Ok(LedgerEntry {
+                event_id: event_id.to_owned(),
+                worker: worker.to_owned(),
+                org_id: row.try_get(0)?,
+                ticket_id: row.try_get(1)?,
+                result_id: row.try_get(2)?,
+                outcome: row.try_get(3)?,
+                input_hash: row.try_get(4)?,
+                result,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records a decided result unless one is already there, and returns the one that stands.
+    pub async fn record_result(&self, entry: &LedgerEntry) -> Result<LedgerEntry, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
+                 outcome, input_hash, result) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (event_id, worker) DO NOTHING",
+            )
+            .await?;
+        let inserted = client
+            .execute(
+                &statement,
+                &[
+                    &entry.event_id,
+                    &entry.worker,
+                    &entry.org_id,
+                    &entry.ticket_id,
+                    &entry.result_id,
+                    &entry.outcome,
+                    &entry.input_hash,
+                    &Json(&entry.result),
+                ],
+            )
+            .await?;
+        drop(client);
+        if inserted == 1 {
+            return Ok(entry.clone());
+        }
+        self.ledger_entry(&entry.event_id, &entry.worker)
+            .await?
+            .ok_or_else(|| StoreError::Invalid("ledger row vanished after a conflict".into()))
+    }
+
+    /// The input hash of the latest completed run of `worker` on a ticket.
+    pub async fn last_completed_input_hash(
+        &self,
+        org_id: &str,
+        ticket_id: &str,
+        worker: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT input_hash FROM processed_events WHERE org_id = $1 AND ticket_id = $2 \
+                 AND worker = $3 AND outcome = 'completed' ORDER BY created_at DESC LIMIT 1",
+            )
+            .await?;
+        let row = client
+            .query_opt(&statement, &[&org_id, &ticket_id, &worker])
+            .await?;
+        Ok(row.and_then(|row| row.get::<_, Option<String>>(0)))
+    }
+}
+
+impl Store {
+    /// Empties the ledger; only the demo does this, on its own database.
+    pub async fn clear_demo_state(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.batch_execute("DELETE FROM processed_events").await?;
+        Ok(())
+    }
+}

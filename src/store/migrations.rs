@@ -1,0 +1,63 @@
+//! Creating the database when it is missing and applying `migrations/` with refinery.
+//!
+//! The SQL files are embedded at build time, so the binary carries its schema. A migration is
+//! never edited once it has landed: the next change is a new `V<n>__<name>.sql`.
+
+use tokio_postgres::NoTls;
+
+use super::StoreError;
+
+refinery::embed_migrations!("migrations");
+
+/// Creates the target database if it does not exist, then applies pending migrations.
+/// Returns the names of the migrations applied by this call.
+pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
+    ensure_database(database_url).await?;
+    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let report = migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(&mut client)
+        .await
+        .map_err(|err| StoreError::Invalid(format!("migration failed: {err}")))?;
+    drop(client);
+    let _ = driver.await;
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|migration| migration.to_string())
+        .collect())
+}
+
+/// Connects to the server's `postgres` database and creates the target one when missing.
+/// Two replicas racing to create it is fine: the loser sees `duplicate_database`.
+pub async fn ensure_database(database_url: &str) -> Result<(), StoreError> {
+    let config: tokio_postgres::Config = database_url
+        .parse()
+        .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
+    let Some(dbname) = config.get_dbname().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&dbname])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", dbname.replace('"', "\"\""));
+        if let Err(err) = client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+            && err.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+        {
+            return Err(err.into());
+        }
+        tracing::info!(database = %dbname, "created database");
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Postgres: the connection pool, the schema migrations, provider configs and the ledger.
+
+pub mod configs;
+pub mod ledger;
+pub mod migrations;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+/// What can go wrong talking to Postgres. Every variant is worth retrying later except
+/// `Invalid`, which means a row holds something this version cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("invalid database URL: {0}")]
+    Url(String),
+    #[error("stored row is invalid: {0}")]
+    Invalid(String),
+}
+
+/// The shared pool; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Builds a pool with every timeout set (deadpool's default is to wait forever) and the
+    /// `Verified` recycling check, which notices connections the server has terminated.
+    pub fn connect(database_url: &str, max_size: usize) -> Result<Store, StoreError> {
+        let mut config: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
+        config.connect_timeout(Duration::from_secs(5));
+        config.application_name("copilot-workers");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_size)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|err| StoreError::Url(err.to_string()))?;
+        Ok(Store { pool })
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Whether a connection can be had and answers.
+    pub async fn ping(&self) -> bool {
+        match self.pool.get().await {
+            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Logs, metrics and the HTTP listener (`/metrics`, `/healthz`, `/readyz`, admin API).
+//!
+//! Every metric name is declared and described here; the code that knows an event emits it.
+//! Labels are bounded: worker, event type, outcome, reason, error class, provider profile —
+//! never an org id or a ticket id.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+pub const EVENTS_RECEIVED: &str = "copilot_events_received_total";
+pub const EVENTS_SKIPPED: &str = "copilot_events_skipped_total";
+pub const EVENTS_DEAD_LETTERED: &str = "copilot_events_dead_lettered_total";
+pub const EVENTS_PARKED: &str = "copilot_events_parked_total";
+pub const RESULTS_PUBLISHED: &str = "copilot_results_published_total";
+pub const PROVIDER_REQUESTS: &str = "copilot_provider_requests_total";
+pub const PROVIDER_RETRIES: &str = "copilot_provider_retries_total";
+pub const PROVIDER_LATENCY: &str = "copilot_provider_latency_seconds";
+pub const WORKER_OVERHEAD: &str = "copilot_worker_overhead_seconds";
+pub const EVENTS_IN_FLIGHT: &str = "copilot_events_in_flight";
+pub const ACKS_LOST: &str = "copilot_acks_lost_total";
+pub const TOKENS: &str = "copilot_tokens_total";
+pub const CONFIG_CACHE_HITS: &str = "copilot_config_cache_hits_total";
+pub const CONFIG_CACHE_MISSES: &str = "copilot_config_cache_misses_total";
+pub const CONFIG_CACHE_INVALIDATIONS: &str = "copilot_config_cache_invalidations_total";
+
+fn describe() {
+    describe_counter!(EVENTS_RECEIVED, "Deliveries taken from a worker queue, by worker and event type.");
+    describe_counter!(EVENTS_SKIPPED, "Events acknowledged without a provider call, by worker and reason (no_config, disabled, worker_disabled, unchanged, duplicate).");
+    describe_counter!(EVENTS_DEAD_LETTERED, "Deliveries sent to the dead-letter exchange, by worker and reason.");
+    describe_counter!(EVENTS_PARKED, "Events parked in a delay queue to wait out a long provider back-off, by worker.");
+    describe_counter!(RESULTS_PUBLISHED, "Result events confirmed by the broker, by worker and outcome (completed, failed).");
+    describe_counter!(PROVIDER_REQUESTS, "Provider HTTP requests, by profile, outcome (ok, error) and status class (2xx, 4xx, 5xx, transport).");
+    describe_counter!(PROVIDER_RETRIES, "Provider retries after a transient error, by error class.");
+    describe_histogram!(PROVIDER_LATENCY, metrics::Unit::Seconds, "Time waiting on the provider per request, by profile.");
+    describe_histogram!(WORKER_OVERHEAD, metrics::Unit::Seconds, "Time an event spent in the worker minus time waiting on the provider, by worker.");
+    describe_gauge!(EVENTS_IN_FLIGHT, "Deliveries being processed right now.");
+    describe_counter!(ACKS_LOST, "Acks the broker did not take because the channel was recovered; the delivery comes back and the ledger answers it.");
+    describe_counter!(TOKENS, "Provider tokens used, by worker and kind (prompt, completion).");
+    describe_counter!(CONFIG_CACHE_HITS, "Provider config lookups answered from the cache.");
+    describe_counter!(CONFIG_CACHE_MISSES, "Provider config lookups that went to Postgres.");
+    describe_counter!(CONFIG_CACHE_INVALIDATIONS, "Cache entries dropped because Postgres announced a config change.");
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .map(PrometheusBuilder::build_recorder);
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    if metrics::set_global_recorder(recorder).is_ok() {
+                        describe();
+                    }
+                    handle
+                }
+                // The bucket list above is a non-empty constant; this arm is unreachable.
+                Err(err) => unreachable!("metric buckets rejected: {err}"),
+            }
+        })
+        .clone()
+}
+
+/// Sets up logging; `RUST_LOG` chooses levels (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Answers `/readyz`: broker connected, database answering, consumers attached.
+pub trait Readiness: Send + Sync + 'static {
+    fn ready(&self) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+struct HttpState<R> {
+    metrics: PrometheusHandle,
+    readiness: Arc<R>,
+}
+
+/// Serves the listener until `shutdown` fires. `extra` adds routes (the admin API).
+pub async fn serve<R: Readiness>(
+    listener: tokio::net::TcpListener,
+    readiness: Arc<R>,
+    extra: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = Arc::new(HttpState {
+        metrics: metrics_handle(),
+        readiness,
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics_endpoint::<R>))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_endpoint::<R>))
+        .with_state(state)
+        .merge(extra);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds the listener, with a clear error when the address is taken.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|err| {
+        std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
+    })
+}
+
+async fn metrics_endpoint<R: Readiness>(State(state): State<Arc<HttpState<R>>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+async fn ready_endpoint<R: Readiness>(State(state): State<Arc<HttpState<R>>>) -> impl IntoResponse {
+    match state.readiness.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    }
+}
