@@ -35,7 +35,9 @@ pub enum CryptoError {
         "a stored API key was sealed with master key id {0}, which is not in the key ring; add that master key to {MASTER_KEY_ENV} (after the active one) and run `copilot-workers keys rotate`"
     )]
     UnknownKeyId(String),
-    #[error("stored API key does not decrypt: it was tampered with, copied from another org, or sealed with a different master key")]
+    #[error(
+        "stored API key does not decrypt: it was tampered with, copied from another org, or sealed with a different master key"
+    )]
     Decrypt,
     #[error("encryption failed")]
     Encrypt,
@@ -160,7 +162,9 @@ impl KeyRing {
     pub fn seal(&self, org_id: &str, plaintext: &SecretString) -> Result<Sealed, CryptoError> {
         let key = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| CryptoError::Encrypt)?;
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| CryptoError::Encrypt)?;
         let mut buffer = plaintext.expose_secret().as_bytes().to_vec();
         key.key
             .seal_in_place_append_tag(
@@ -205,7 +209,8 @@ impl MasterKey {
         if bytes.len() != 32 {
             return Err(format!("decodes to {} bytes", bytes.len()));
         }
-        let unbound = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "rejected by AES-256-GCM")?;
+        let unbound =
+            UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "rejected by AES-256-GCM")?;
         let mut fingerprint_input = b"copilot-workers/master-key-id/v1".to_vec();
         fingerprint_input.extend_from_slice(bytes);
         let digest = ring::digest::digest(&ring::digest::SHA256, &fingerprint_input);
@@ -256,7 +261,9 @@ mod tests {
     #[test]
     fn round_trip() {
         let ring = ring_from([7; 32]);
-        let sealed = ring.seal("org_a", &secret("sk-live-1234567890abcd")).unwrap();
+        let sealed = ring
+            .seal("org_a", &secret("sk-live-1234567890abcd"))
+            .unwrap();
         assert_eq!(sealed.key_id, ring.active_key_id());
         assert!(!sealed.blob.windows(4).any(|w| w == b"abcd"));
         let opened = ring.open("org_a", &sealed).unwrap();
@@ -275,7 +282,10 @@ mod tests {
     fn ciphertext_copied_to_another_org_fails() {
         let ring = ring_from([7; 32]);
         let sealed = ring.seal("org_a", &secret("sk-a")).unwrap();
-        assert_eq!(ring.open("org_b", &sealed).unwrap_err(), CryptoError::Decrypt);
+        assert_eq!(
+            ring.open("org_b", &sealed).unwrap_err(),
+            CryptoError::Decrypt
+        );
     }
 
     #[test]
@@ -285,25 +295,37 @@ mod tests {
         for index in 0..sealed.blob.len() {
             let mut tampered = sealed.clone();
             tampered.blob[index] ^= 0x01;
-            assert_eq!(ring.open("org_a", &tampered).unwrap_err(), CryptoError::Decrypt,
-                "flip at {index}");
+            assert_eq!(
+                ring.open("org_a", &tampered).unwrap_err(),
+                CryptoError::Decrypt,
+                "flip at {index}"
+            );
         }
         let mut truncated = sealed.clone();
         truncated.blob.truncate(10);
-        assert_eq!(ring.open("org_a", &truncated).unwrap_err(), CryptoError::Decrypt);
+        assert_eq!(
+            ring.open("org_a", &truncated).unwrap_err(),
+            CryptoError::Decrypt
+        );
     }
 
     #[test]
     fn another_master_key_fails() {
         let sealed = ring_from([7; 32]).seal("org_a", &secret("sk-a")).unwrap();
         let other = ring_from([8; 32]);
-        assert_eq!(other.open("org_a", &sealed).unwrap_err(), CryptoError::UnknownKeyId(sealed.key_id.clone()));
+        assert_eq!(
+            other.open("org_a", &sealed).unwrap_err(),
+            CryptoError::UnknownKeyId(sealed.key_id.clone())
+        );
         // Even when relabelled with the other key's id, the tag does not verify.
         let relabelled = Sealed {
             key_id: other.active_key_id().to_owned(),
             blob: sealed.blob.clone(),
         };
-        assert_eq!(other.open("org_a", &relabelled).unwrap_err(), CryptoError::Decrypt);
+        assert_eq!(
+            other.open("org_a", &relabelled).unwrap_err(),
+            CryptoError::Decrypt
+        );
     }
 
     #[test]
@@ -317,14 +339,20 @@ mod tests {
         );
         let ring = KeyRing::parse(&SecretString::from(spec)).unwrap();
         assert_ne!(ring.active_key_id(), old.active_key_id());
-        assert_eq!(ring.open("org_a", &sealed).unwrap().expose_secret(), "sk-old");
+        assert_eq!(
+            ring.open("org_a", &sealed).unwrap().expose_secret(),
+            "sk-old"
+        );
     }
 
     #[test]
     fn malformed_keys_are_refused_with_their_position() {
         let short = base64::engine::general_purpose::STANDARD.encode([1u8; 16]);
         let err = KeyRing::parse(&SecretString::from(short)).unwrap_err();
-        assert!(matches!(err, CryptoError::MalformedMasterKey { position: 1, .. }));
+        assert!(matches!(
+            err,
+            CryptoError::MalformedMasterKey { position: 1, .. }
+        ));
         let err = KeyRing::parse(&SecretString::from("not base64!!")).unwrap_err();
         assert!(err.to_string().contains("not base64"));
         assert_eq!(

@@ -45,7 +45,9 @@ impl EventType {
     }
 
     pub fn parse(text: &str) -> Option<EventType> {
-        EventType::ALL.into_iter().find(|kind| kind.as_str() == text)
+        EventType::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
     }
 }
 
@@ -181,7 +183,11 @@ pub fn parse_event(
             .and_then(Value::as_str)
             .is_none_or(str::is_empty)
         {
-            return Err(BadInput::MissingField(if field == "id" { "id" } else { "source" }));
+            return Err(BadInput::MissingField(if field == "id" {
+                "id"
+            } else {
+                "source"
+            }));
         }
     }
     let kind = object
@@ -341,8 +347,12 @@ mod tests {
 
     #[test]
     fn parses_a_good_event() {
-        let event = parse_event(good().to_string().as_bytes(), Some(CLOUDEVENTS_JSON), 1 << 20)
-            .unwrap();
+        let event = parse_event(
+            good().to_string().as_bytes(),
+            Some(CLOUDEVENTS_JSON),
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(event.kind, EventType::TicketCreated);
         assert_eq!(event.data.ticket.messages[0].body, "Help");
     }
@@ -357,11 +367,23 @@ mod tests {
         assert_eq!(reason(b"{not json"), "not_json");
         assert_eq!(reason(&[0xff, 0xfe]), "not_utf8");
         assert_eq!(reason(b"[1]"), "not_object");
-        assert_eq!(reason(&with(&|v| v["specversion"] = "0.3".into())), "wrong_specversion");
+        assert_eq!(
+            reason(&with(&|v| v["specversion"] = "0.3".into())),
+            "wrong_specversion"
+        );
         assert_eq!(reason(&with(&|v| v["id"] = "".into())), "missing_field");
-        assert_eq!(reason(&with(&|v| v["type"] = "ticket.deleted".into())), "unknown_type");
-        assert_eq!(reason(&with(&|v| v["data"]["org_id"] = Value::Null)), "missing_org");
-        assert_eq!(reason(&with(&|v| v["data"]["ticket"] = 3.into())), "missing_ticket");
+        assert_eq!(
+            reason(&with(&|v| v["type"] = "ticket.deleted".into())),
+            "unknown_type"
+        );
+        assert_eq!(
+            reason(&with(&|v| v["data"]["org_id"] = Value::Null)),
+            "missing_org"
+        );
+        assert_eq!(
+            reason(&with(&|v| v["data"]["ticket"] = 3.into())),
+            "missing_ticket"
+        );
         assert_eq!(
             reason(&with(&|v| v["data"]["ticket"]["tags"] = "x".into())),
             "invalid_field"
@@ -381,8 +403,17 @@ mod tests {
 
     #[test]
     fn result_ids_are_deterministic_and_distinct() {
-        assert_eq!(result_id("evt_1", "summarize"), result_id("evt_1", "summarize"));
-        assert_ne!(result_id("evt_1", "summarize"), result_id("evt_1", "triage"));
-        assert_ne!(result_id("evt_1", "summarize"), result_id("evt_2", "summarize"));
+        assert_eq!(
+            result_id("evt_1", "summarize"),
+            result_id("evt_1", "summarize")
+        );
+        assert_ne!(
+            result_id("evt_1", "summarize"),
+            result_id("evt_1", "triage")
+        );
+        assert_ne!(
+            result_id("evt_1", "summarize"),
+            result_id("evt_2", "summarize")
+        );
     }
 }

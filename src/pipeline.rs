@@ -20,7 +20,9 @@ use crate::broker::{Outgoing, PublishError, Publisher, Topology};
 use crate::crypto::KeyRing;
 use crate::events::{self, ResultData, ResultError, ResultEvent, TicketEvent, Usage};
 use crate::provider::retry::{self, Attempted, RetryPolicy};
-use crate::provider::{ChatMessage, ChatRequest, ErrorClass, ProviderClient, ProviderError, ProviderTarget};
+use crate::provider::{
+    ChatMessage, ChatRequest, ErrorClass, ProviderClient, ProviderError, ProviderTarget,
+};
 use crate::store::configs::ProviderConfig;
 use crate::store::ledger::LedgerEntry;
 use crate::store::{Store, StoreError};
@@ -49,9 +51,25 @@ pub struct Pipeline {
 
 /// How the provider part of a run ended.
 enum Run {
-    Completed { output: serde_json::Value, model: String, usage: Usage, attempts: u32, provider_time: Duration },
-    Failed { class: ErrorClass, message: String, model: String, usage: Usage, attempts: u32, provider_time: Duration },
-    Park { delay: Duration, attempts: u32 },
+    Completed {
+        output: serde_json::Value,
+        model: String,
+        usage: Usage,
+        attempts: u32,
+        provider_time: Duration,
+    },
+    Failed {
+        class: ErrorClass,
+        message: String,
+        model: String,
+        usage: Usage,
+        attempts: u32,
+        provider_time: Duration,
+    },
+    Park {
+        delay: Duration,
+        attempts: u32,
+    },
 }
 
 impl Pipeline {
@@ -60,28 +78,50 @@ impl Pipeline {
     pub async fn handle(self: Arc<Self>, worker: Arc<Worker>, delivery: Delivery) {
         let started = Instant::now();
         metrics::gauge!(m::EVENTS_IN_FLIGHT).increment(1.0);
-        let content_type = delivery.properties.content_type().as_ref().map(|ct| ct.as_str().to_owned());
-        match events::parse_event(&delivery.data, content_type.as_deref(), self.max_event_bytes) {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str().to_owned());
+        match events::parse_event(
+            &delivery.data,
+            content_type.as_deref(),
+            self.max_event_bytes,
+        ) {
             Err(bad) => {
                 tracing::warn!(worker = worker.name(), reason = bad.reason(), error = %bad, "dead-lettering bad input");
-                self.dead_letter(&worker, &delivery, bad.reason(), &bad.to_string()).await;
+                self.dead_letter(&worker, &delivery, bad.reason(), &bad.to_string())
+                    .await;
             }
             Ok(event) => {
                 let span = tracing::info_span!("event", event_id = %event.id, org_id = %event.data.org_id,
                     ticket_id = %event.data.ticket.id, worker = worker.name());
                 metrics::counter!(m::EVENTS_RECEIVED, "worker" => worker.name().to_owned(), "type" => event.kind.as_str()).increment(1);
-                self.process(&worker, &delivery, &event, started).instrument(span).await;
+                self.process(&worker, &delivery, &event, started)
+                    .instrument(span)
+                    .await;
             }
         }
         metrics::gauge!(m::EVENTS_IN_FLIGHT).decrement(1.0);
     }
 
-    async fn process(&self, worker: &Worker, delivery: &Delivery, event: &TicketEvent, started: Instant) {
+    async fn process(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        event: &TicketEvent,
+        started: Instant,
+    ) {
         let org_id = event.data.org_id.as_str();
         if !worker.handles(event.kind) {
             return self.skip(worker, delivery, "not_subscribed").await;
         }
-        let Some(recorded) = self.db(|| self.store.ledger_entry(&event.id, worker.name())).await else { return };
+        let Some(recorded) = self
+            .db(|| self.store.ledger_entry(&event.id, worker.name()))
+            .await
+        else {
+            return;
+        };
         if let Some(entry) = recorded {
             tracing::info!("already decided; republishing the recorded result");
             if self.publish_result(delivery, &entry).await {
@@ -89,7 +129,9 @@ impl Pipeline {
             }
             return;
         }
-        let Some(config) = self.db(|| self.store.provider_config(org_id)).await else { return };
+        let Some(config) = self.db(|| self.store.provider_config(org_id)).await else {
+            return;
+        };
         let Some(config) = config else {
             tracing::info!("org has no provider config; skipped, no request made");
             return self.skip(worker, delivery, "no_config").await;
@@ -101,14 +143,27 @@ impl Pipeline {
             return self.skip(worker, delivery, "worker_disabled").await;
         }
         let model = config.model_for(worker.name()).to_owned();
-        let prepared = match worker.prepare(&event.data.ticket, event.kind, &config.context, config.profile.structured_mode(), &model) {
+        let prepared = match worker.prepare(
+            &event.data.ticket,
+            event.kind,
+            &config.context,
+            config.profile.structured_mode(),
+            &model,
+        ) {
             Ok(prepared) => prepared,
             Err(err) => {
                 tracing::error!(error = %err, "worker prompt failed to render");
-                return self.dead_letter(worker, delivery, "render_failed", &err.to_string()).await;
+                return self
+                    .dead_letter(worker, delivery, "render_failed", &err.to_string())
+                    .await;
             }
         };
-        let last = self.db(|| self.store.last_completed_input_hash(org_id, &event.data.ticket.id, worker.name())).await;
+        let last = self
+            .db(|| {
+                self.store
+                    .last_completed_input_hash(org_id, &event.data.ticket.id, worker.name())
+            })
+            .await;
         let Some(last) = last else { return };
         if last.as_deref() == Some(prepared.input_hash.as_str()) {
             tracing::info!("ticket content unchanged since the last run; skipped");
@@ -122,32 +177,87 @@ impl Pipeline {
                     base_url: config.base_url.clone(),
                     api_key,
                     model: model.clone(),
-                    timeout: config.params.timeout_secs.map_or(self.provider_timeout, Duration::from_secs),
+                    timeout: config
+                        .params
+                        .timeout_secs
+                        .map_or(self.provider_timeout, Duration::from_secs),
                     api_version: config.params.api_version.clone(),
                 };
-                self.run_provider(worker, &config, &target, &prepared, already).await
+                self.run_provider(worker, &config, &target, &prepared, already)
+                    .await
             }
             Err(class) => Run::Failed {
                 class,
-                message: "the org's stored API key cannot be decrypted with the configured master keys".into(),
-                model: model.clone(), usage: Usage::default(), attempts: already, provider_time: Duration::ZERO,
+                message:
+                    "the org's stored API key cannot be decrypted with the configured master keys"
+                        .into(),
+                model: model.clone(),
+                usage: Usage::default(),
+                attempts: already,
+                provider_time: Duration::ZERO,
             },
         };
         let (data, provider_time, exhausted) = match run {
-            Run::Park { delay, attempts } => return self.park(worker, delivery, delay, attempts).await,
-            Run::Completed { output, model, usage, attempts, provider_time } => {
-                record_tokens(worker, usage);
-                (self.result_data(event, worker, model, Some(output), usage, started, attempts, None), provider_time, false)
+            Run::Park { delay, attempts } => {
+                return self.park(worker, delivery, delay, attempts).await;
             }
-            Run::Failed { class, message, model, usage, attempts, provider_time } => {
+            Run::Completed {
+                output,
+                model,
+                usage,
+                attempts,
+                provider_time,
+            } => {
+                record_tokens(worker, usage);
+                (
+                    self.result_data(
+                        event,
+                        worker,
+                        model,
+                        Some(output),
+                        usage,
+                        started,
+                        attempts,
+                        None,
+                    ),
+                    provider_time,
+                    false,
+                )
+            }
+            Run::Failed {
+                class,
+                message,
+                model,
+                usage,
+                attempts,
+                provider_time,
+            } => {
                 record_tokens(worker, usage);
                 tracing::warn!(class = class.as_str(), %message, attempts, "worker failed");
                 if class.is_config_problem() {
-                    let _ = self.db(|| self.store.record_provider_failure(org_id, &message, true)).await;
+                    let _ = self
+                        .db(|| self.store.record_provider_failure(org_id, &message, true))
+                        .await;
                 }
-                let error = ResultError { class: class.as_str().to_owned(), message };
+                let error = ResultError {
+                    class: class.as_str().to_owned(),
+                    message,
+                };
                 let exhausted = class == ErrorClass::RetriesExhausted;
-                (self.result_data(event, worker, model, None, usage, started, attempts, Some(error)), provider_time, exhausted)
+                (
+                    self.result_data(
+                        event,
+                        worker,
+                        model,
+                        None,
+                        usage,
+                        started,
+                        attempts,
+                        Some(error),
+                    ),
+                    provider_time,
+                    exhausted,
+                )
             }
         };
         let result = ResultEvent::new(data, events::now_rfc3339());
@@ -157,34 +267,59 @@ impl Pipeline {
             org_id: org_id.to_owned(),
             ticket_id: event.data.ticket.id.clone(),
             result_id: result.id.clone(),
-            outcome: if result.is_completed() { "completed" } else { "failed" }.to_owned(),
+            outcome: if result.is_completed() {
+                "completed"
+            } else {
+                "failed"
+            }
+            .to_owned(),
             input_hash: Some(prepared.input_hash.clone()),
             result: serde_json::to_value(&result).unwrap_or_default(),
         };
-        let Some(standing) = self.db(|| self.store.record_result(&entry)).await else { return };
+        let Some(standing) = self.db(|| self.store.record_result(&entry)).await else {
+            return;
+        };
         if !self.publish_result(delivery, &standing).await {
             return;
         }
         if exhausted {
-            self.dead_letter(worker, delivery, "retries_exhausted", "transient provider errors outlasted every attempt").await;
+            self.dead_letter(
+                worker,
+                delivery,
+                "retries_exhausted",
+                "transient provider errors outlasted every attempt",
+            )
+            .await;
         } else {
             self.ack(worker, delivery).await;
         }
         let overhead = started.elapsed().saturating_sub(provider_time);
-        metrics::histogram!(m::WORKER_OVERHEAD, "worker" => worker.name().to_owned()).record(overhead.as_secs_f64());
+        metrics::histogram!(m::WORKER_OVERHEAD, "worker" => worker.name().to_owned())
+            .record(overhead.as_secs_f64());
     }
 
     fn key_for(&self, config: &ProviderConfig) -> Result<Option<SecretString>, ErrorClass> {
         match &config.api_key {
             None => Ok(None),
-            Some(sealed) => self.keys.open(&config.org_id, sealed).map(Some).map_err(|err| {
-                tracing::error!(error = %err, "cannot open the org's API key");
-                ErrorClass::ConfigInvalid
-            }),
+            Some(sealed) => self
+                .keys
+                .open(&config.org_id, sealed)
+                .map(Some)
+                .map_err(|err| {
+                    tracing::error!(error = %err, "cannot open the org's API key");
+                    ErrorClass::ConfigInvalid
+                }),
         }
     }
 
-    async fn run_provider(&self, worker: &Worker, config: &ProviderConfig, target: &ProviderTarget, prepared: &Prepared, already: u32) -> Run {
+    async fn run_provider(
+        &self,
+        worker: &Worker,
+        config: &ProviderConfig,
+        target: &ProviderTarget,
+        prepared: &Prepared,
+        already: u32,
+    ) -> Run {
         let mut messages = prepared.messages.clone();
         let mut usage = Usage::default();
         let mut provider_time = Duration::ZERO;
@@ -206,9 +341,17 @@ impl Pipeline {
             })
             .await;
             let (reply, waited, spent) = match outcome {
-                Attempted::Done { value: (reply, waited), attempts: spent } => (reply, waited, spent),
-                Attempted::Park { delay, attempts, .. } => return Run::Park { delay, attempts },
-                Attempted::Failed { error, attempts: spent } => {
+                Attempted::Done {
+                    value: (reply, waited),
+                    attempts: spent,
+                } => (reply, waited, spent),
+                Attempted::Park {
+                    delay, attempts, ..
+                } => return Run::Park { delay, attempts },
+                Attempted::Failed {
+                    error,
+                    attempts: spent,
+                } => {
                     return failed(&error, target, usage, spent, provider_time);
                 }
             };
@@ -217,7 +360,15 @@ impl Pipeline {
             usage.prompt_tokens += reply.usage.prompt_tokens;
             usage.completion_tokens += reply.usage.completion_tokens;
             match worker.check(prepared, &reply.content) {
-                Ok(output) => return Run::Completed { output, model: reply.model, usage, attempts, provider_time },
+                Ok(output) => {
+                    return Run::Completed {
+                        output,
+                        model: reply.model,
+                        usage,
+                        attempts,
+                        provider_time,
+                    };
+                }
                 Err(problem) if !reasked => {
                     tracing::info!(%problem, "output invalid; asking once more");
                     reasked = true;
@@ -226,16 +377,31 @@ impl Pipeline {
                         "That answer was rejected: {problem}. Reply again with only the corrected JSON object.")));
                 }
                 Err(problem) => {
-                    return Run::Failed { class: ErrorClass::InvalidOutput, message: format!("the model's output was invalid twice: {problem}"),
-                        model: reply.model, usage, attempts, provider_time };
+                    return Run::Failed {
+                        class: ErrorClass::InvalidOutput,
+                        message: format!("the model's output was invalid twice: {problem}"),
+                        model: reply.model,
+                        usage,
+                        attempts,
+                        provider_time,
+                    };
                 }
             }
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn result_data(&self, event: &TicketEvent, worker: &Worker, model: String, output: Option<serde_json::Value>,
-        usage: Usage, started: Instant, attempts: u32, error: Option<ResultError>) -> ResultData {
+    fn result_data(
+        &self,
+        event: &TicketEvent,
+        worker: &Worker,
+        model: String,
+        output: Option<serde_json::Value>,
+        usage: Usage,
+        started: Instant,
+        attempts: u32,
+        error: Option<ResultError>,
+    ) -> ResultData {
         ResultData {
             org_id: event.data.org_id.clone(),
             ticket_id: event.data.ticket.id.clone(),
@@ -282,9 +448,18 @@ impl Pipeline {
     /// Publishes a recorded result; false when it could not be confirmed (not acked then).
     async fn publish_result(&self, delivery: &Delivery, entry: &LedgerEntry) -> bool {
         let body = serde_json::to_vec(&entry.result).unwrap_or_default();
-        let routing_key = entry.result.get("type").and_then(|t| t.as_str()).map(|kind| {
-            if kind == events::COMPLETED_TYPE { format!("ticket.enriched.{}", entry.worker) } else { format!("ticket.enrichment_failed.{}", entry.worker) }
-        }).unwrap_or_default();
+        let routing_key = entry
+            .result
+            .get("type")
+            .and_then(|t| t.as_str())
+            .map(|kind| {
+                if kind == events::COMPLETED_TYPE {
+                    format!("ticket.enriched.{}", entry.worker)
+                } else {
+                    format!("ticket.enrichment_failed.{}", entry.worker)
+                }
+            })
+            .unwrap_or_default();
         let exchange = self.topology.results_exchange();
         let mut message = Outgoing::new(&exchange, &routing_key, &body);
         message.content_type = events::CLOUDEVENTS_JSON;
@@ -311,17 +486,29 @@ impl Pipeline {
 
     /// Sends the delivery, unchanged, to the dead-letter exchange with its reason; acks once
     /// the broker confirmed it.
-    async fn dead_letter(&self, worker: &Worker, delivery: &Delivery, reason: &'static str, detail: &str) {
+    async fn dead_letter(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        reason: &'static str,
+        detail: &str,
+    ) {
         let exchange = self.topology.dead_letter_exchange();
         let routing_key = format!("{}.{reason}", worker.name());
         let detail: String = detail.chars().take(300).collect();
-        let content_type = delivery.properties.content_type().as_ref().map(|ct| ct.as_str().to_owned());
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str().to_owned());
         let mut message = Outgoing::new(&exchange, &routing_key, &delivery.data)
             .header(REASON_HEADER, reason)
             .header("x-copilot-error", &detail)
             .header("x-copilot-worker", worker.name())
             .header("x-original-routing-key", delivery.routing_key.as_str());
-        message.content_type = content_type.as_deref().unwrap_or("application/octet-stream");
+        message.content_type = content_type
+            .as_deref()
+            .unwrap_or("application/octet-stream");
         match self.publisher.publish(&message).await {
             Ok(()) => {
                 metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.name().to_owned(), "reason" => reason).increment(1);
@@ -336,15 +523,28 @@ impl Pipeline {
         let step = Topology::delay_step(delay);
         let queue = self.topology.delay_queue(worker.name(), step);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempts)));
-        let content_type = delivery.properties.content_type().as_ref().map(|ct| ct.as_str().to_owned());
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str().to_owned());
         let mut message = Outgoing::new("", &queue, &delivery.data);
         message.headers = headers;
         message.content_type = content_type.as_deref().unwrap_or(events::CLOUDEVENTS_JSON);
         match self.publisher.publish(&message).await {
             Ok(()) => {
-                tracing::info!(?delay, step_secs = step, attempts, "provider asked for a long wait; event parked");
-                metrics::counter!(m::EVENTS_PARKED, "worker" => worker.name().to_owned()).increment(1);
+                tracing::info!(
+                    ?delay,
+                    step_secs = step,
+                    attempts,
+                    "provider asked for a long wait; event parked"
+                );
+                metrics::counter!(m::EVENTS_PARKED, "worker" => worker.name().to_owned())
+                    .increment(1);
                 self.ack(worker, delivery).await;
             }
             Err(err) => log_publish_failure(&err, "parked event"),
@@ -356,7 +556,9 @@ impl Pipeline {
             Ok(true) => {}
             Ok(false) => {
                 metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
-                tracing::info!("ack not taken (channel recovered); the delivery will come back and the ledger will answer it");
+                tracing::info!(
+                    "ack not taken (channel recovered); the delivery will come back and the ledger will answer it"
+                );
             }
             Err(err) => {
                 metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
@@ -366,9 +568,26 @@ impl Pipeline {
     }
 }
 
-fn failed(error: &ProviderError, target: &ProviderTarget, usage: Usage, attempts: u32, provider_time: Duration) -> Run {
-    let class = if error.is_retryable() { ErrorClass::RetriesExhausted } else { error.class() };
-    Run::Failed { class, message: error.to_string(), model: target.model.clone(), usage, attempts, provider_time }
+fn failed(
+    error: &ProviderError,
+    target: &ProviderTarget,
+    usage: Usage,
+    attempts: u32,
+    provider_time: Duration,
+) -> Run {
+    let class = if error.is_retryable() {
+        ErrorClass::RetriesExhausted
+    } else {
+        error.class()
+    };
+    Run::Failed {
+        class,
+        message: error.to_string(),
+        model: target.model.clone(),
+        usage,
+        attempts,
+        provider_time,
+    }
 }
 
 fn record_request<T>(target: &ProviderTarget, result: &Result<T, ProviderError>, waited: Duration) {
@@ -385,8 +604,10 @@ fn record_request<T>(target: &ProviderTarget, result: &Result<T, ProviderError>,
 }
 
 fn record_tokens(worker: &Worker, usage: Usage) {
-    metrics::counter!(m::TOKENS, "worker" => worker.name().to_owned(), "kind" => "prompt").increment(usage.prompt_tokens);
-    metrics::counter!(m::TOKENS, "worker" => worker.name().to_owned(), "kind" => "completion").increment(usage.completion_tokens);
+    metrics::counter!(m::TOKENS, "worker" => worker.name().to_owned(), "kind" => "prompt")
+        .increment(usage.prompt_tokens);
+    metrics::counter!(m::TOKENS, "worker" => worker.name().to_owned(), "kind" => "completion")
+        .increment(usage.completion_tokens);
 }
 
 fn log_publish_failure(err: &PublishError, what: &str) {

@@ -60,6 +60,9 @@ pub async fn run(
     shutdown: CancellationToken,
     on_start: Option<tokio::sync::oneshot::Sender<Started>>,
 ) -> anyhow::Result<()> {
+    // Install the recorder before any delivery can increment a counter; a counter bumped
+    // before installation would be lost.
+    let metrics = telemetry::metrics_handle();
     let store = Store::connect(&settings.database_url, 32)?;
     check_database(&store, &keys).await?;
     let consuming = Arc::new(
@@ -107,6 +110,7 @@ pub async fn run(
     let http_shutdown = CancellationToken::new();
     let http = tokio::spawn(telemetry::serve(
         listener,
+        metrics,
         readiness,
         axum::Router::new(),
         http_shutdown.clone(),
@@ -145,7 +149,10 @@ pub async fn run(
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new deliveries; draining in-flight work");
     consumers.wait().await;
     deliveries.close();
-    if tokio::time::timeout(settings.shutdown_grace, deliveries.wait()).await.is_err() {
+    if tokio::time::timeout(settings.shutdown_grace, deliveries.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over; unfinished deliveries go back to the broker");
         abandon.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), deliveries.wait()).await;

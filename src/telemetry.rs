@@ -36,21 +36,65 @@ pub const CONFIG_CACHE_MISSES: &str = "copilot_config_cache_misses_total";
 pub const CONFIG_CACHE_INVALIDATIONS: &str = "copilot_config_cache_invalidations_total";
 
 fn describe() {
-    describe_counter!(EVENTS_RECEIVED, "Deliveries taken from a worker queue, by worker and event type.");
-    describe_counter!(EVENTS_SKIPPED, "Events acknowledged without a provider call, by worker and reason (no_config, disabled, worker_disabled, unchanged, duplicate).");
-    describe_counter!(EVENTS_DEAD_LETTERED, "Deliveries sent to the dead-letter exchange, by worker and reason.");
-    describe_counter!(EVENTS_PARKED, "Events parked in a delay queue to wait out a long provider back-off, by worker.");
-    describe_counter!(RESULTS_PUBLISHED, "Result events confirmed by the broker, by worker and outcome (completed, failed).");
-    describe_counter!(PROVIDER_REQUESTS, "Provider HTTP requests, by profile, outcome (ok, error) and status class (2xx, 4xx, 5xx, transport).");
-    describe_counter!(PROVIDER_RETRIES, "Provider retries after a transient error, by error class.");
-    describe_histogram!(PROVIDER_LATENCY, metrics::Unit::Seconds, "Time waiting on the provider per request, by profile.");
-    describe_histogram!(WORKER_OVERHEAD, metrics::Unit::Seconds, "Time an event spent in the worker minus time waiting on the provider, by worker.");
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "Deliveries taken from a worker queue, by worker and event type."
+    );
+    describe_counter!(
+        EVENTS_SKIPPED,
+        "Events acknowledged without a provider call, by worker and reason (no_config, disabled, worker_disabled, unchanged, duplicate)."
+    );
+    describe_counter!(
+        EVENTS_DEAD_LETTERED,
+        "Deliveries sent to the dead-letter exchange, by worker and reason."
+    );
+    describe_counter!(
+        EVENTS_PARKED,
+        "Events parked in a delay queue to wait out a long provider back-off, by worker."
+    );
+    describe_counter!(
+        RESULTS_PUBLISHED,
+        "Result events confirmed by the broker, by worker and outcome (completed, failed)."
+    );
+    describe_counter!(
+        PROVIDER_REQUESTS,
+        "Provider HTTP requests, by profile, outcome (ok, error) and status class (2xx, 4xx, 5xx, transport)."
+    );
+    describe_counter!(
+        PROVIDER_RETRIES,
+        "Provider retries after a transient error, by error class."
+    );
+    describe_histogram!(
+        PROVIDER_LATENCY,
+        metrics::Unit::Seconds,
+        "Time waiting on the provider per request, by profile."
+    );
+    describe_histogram!(
+        WORKER_OVERHEAD,
+        metrics::Unit::Seconds,
+        "Time an event spent in the worker minus time waiting on the provider, by worker."
+    );
     describe_gauge!(EVENTS_IN_FLIGHT, "Deliveries being processed right now.");
-    describe_counter!(ACKS_LOST, "Acks the broker did not take because the channel was recovered; the delivery comes back and the ledger answers it.");
-    describe_counter!(TOKENS, "Provider tokens used, by worker and kind (prompt, completion).");
-    describe_counter!(CONFIG_CACHE_HITS, "Provider config lookups answered from the cache.");
-    describe_counter!(CONFIG_CACHE_MISSES, "Provider config lookups that went to Postgres.");
-    describe_counter!(CONFIG_CACHE_INVALIDATIONS, "Cache entries dropped because Postgres announced a config change.");
+    describe_counter!(
+        ACKS_LOST,
+        "Acks the broker did not take because the channel was recovered; the delivery comes back and the ledger answers it."
+    );
+    describe_counter!(
+        TOKENS,
+        "Provider tokens used, by worker and kind (prompt, completion)."
+    );
+    describe_counter!(
+        CONFIG_CACHE_HITS,
+        "Provider config lookups answered from the cache."
+    );
+    describe_counter!(
+        CONFIG_CACHE_MISSES,
+        "Provider config lookups that went to Postgres."
+    );
+    describe_counter!(
+        CONFIG_CACHE_INVALIDATIONS,
+        "Cache entries dropped because Postgres announced a config change."
+    );
 }
 
 /// Installs the Prometheus recorder once per process and returns its handle.
@@ -83,7 +127,9 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Sets up logging; `RUST_LOG` chooses levels (default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -103,14 +149,12 @@ struct HttpState<R> {
 /// Serves the listener until `shutdown` fires. `extra` adds routes (the admin API).
 pub async fn serve<R: Readiness>(
     listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
     readiness: Arc<R>,
     extra: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let state = Arc::new(HttpState {
-        metrics: metrics_handle(),
-        readiness,
-    });
+    let state = Arc::new(HttpState { metrics, readiness });
     let app = Router::new()
         .route("/metrics", get(metrics_endpoint::<R>))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -124,12 +168,14 @@ pub async fn serve<R: Readiness>(
 
 /// Binds the listener, with a clear error when the address is taken.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|err| {
-        std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
-    })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}")))
 }
 
-async fn metrics_endpoint<R: Readiness>(State(state): State<Arc<HttpState<R>>>) -> impl IntoResponse {
+async fn metrics_endpoint<R: Readiness>(
+    State(state): State<Arc<HttpState<R>>>,
+) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
@@ -139,6 +185,9 @@ async fn metrics_endpoint<R: Readiness>(State(state): State<Arc<HttpState<R>>>) 
 async fn ready_endpoint<R: Readiness>(State(state): State<Arc<HttpState<R>>>) -> impl IntoResponse {
     match state.readiness.ready().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
     }
 }

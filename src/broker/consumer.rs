@@ -42,7 +42,8 @@ impl Consumer {
             match self.attach(connection).await {
                 Ok((channel, consumer)) => {
                     running.fetch_add(1, Ordering::SeqCst);
-                    self.pump(&channel, consumer, tracker, &shutdown, &handle).await;
+                    self.pump(&channel, consumer, tracker, &shutdown, &handle)
+                        .await;
                     running.fetch_sub(1, Ordering::SeqCst);
                     if shutdown.is_cancelled() {
                         // Dropping the handle does not close the channel: in-flight
@@ -61,7 +62,10 @@ impl Consumer {
         }
     }
 
-    async fn attach(&self, connection: &Connection) -> Result<(Channel, lapin::Consumer), lapin::Error> {
+    async fn attach(
+        &self,
+        connection: &Connection,
+    ) -> Result<(Channel, lapin::Consumer), lapin::Error> {
         let channel = connection.create_channel().await?;
         channel
             .basic_qos(self.prefetch, BasicQosOptions { global: false })

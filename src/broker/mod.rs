@@ -20,3 +20,40 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
         .enable_auto_recover();
     Connection::connect(url, properties).await
 }
+
+/// Consumes everything published to `exchange` from now on, through a temporary exclusive
+/// queue (for downstream-style listeners: the demo, the benchmark, tests).
+pub async fn tap(
+    connection: &Connection,
+    exchange: &str,
+) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let channel = connection.create_channel().await?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}

@@ -16,7 +16,10 @@ const PUBLISH_ATTEMPTS: u32 = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("no queue took the message (exchange {exchange}, routing key {routing_key})")]
-    Unroutable { exchange: String, routing_key: String },
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
     #[error("the broker refused the message {0} times")]
     Nacked(u32),
     #[error("broker unavailable: {0}")]
@@ -65,7 +68,9 @@ pub struct Publisher {
 impl Publisher {
     pub async fn new(connection: &Connection) -> Result<Publisher, lapin::Error> {
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Publisher { channel })
     }
 

@@ -10,7 +10,10 @@
 //! ```
 //! Every name carries the configured prefix, so isolated installations can share a broker.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, ExchangeDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
@@ -82,10 +85,7 @@ impl Topology {
     fn quorum_args(&self, dead_letter_exchange: &str) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long("quorum"));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            long(dead_letter_exchange),
-        );
+        args.insert("x-dead-letter-exchange".into(), long(dead_letter_exchange));
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
         args
@@ -103,18 +103,38 @@ impl Topology {
         };
         let exchange = |name: String| -> ShortString { name.into() };
         channel
-            .exchange_declare(exchange(self.events_exchange()), ExchangeKind::Topic, durable, FieldTable::default())
+            .exchange_declare(
+                exchange(self.events_exchange()),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         channel
-            .exchange_declare(exchange(self.unrouted_results()), ExchangeKind::Fanout, durable, FieldTable::default())
+            .exchange_declare(
+                exchange(self.unrouted_results()),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         let mut results_args = FieldTable::default();
         results_args.insert("alternate-exchange".into(), long(&self.unrouted_results()));
         channel
-            .exchange_declare(exchange(self.results_exchange()), ExchangeKind::Topic, durable, results_args)
+            .exchange_declare(
+                exchange(self.results_exchange()),
+                ExchangeKind::Topic,
+                durable,
+                results_args,
+            )
             .await?;
         channel
-            .exchange_declare(exchange(self.dead_letter_exchange()), ExchangeKind::Topic, durable, FieldTable::default())
+            .exchange_declare(
+                exchange(self.dead_letter_exchange()),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         let mut plain_quorum = FieldTable::default();
         plain_quorum.insert("x-queue-type".into(), long("quorum"));
@@ -124,10 +144,22 @@ impl Topology {
                 .await?;
         }
         channel
-            .queue_bind(self.dead_letter_queue().into(), self.dead_letter_exchange().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                self.dead_letter_queue().into(),
+                self.dead_letter_exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         channel
-            .queue_bind(self.unrouted_results().into(), self.unrouted_results().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                self.unrouted_results().into(),
+                self.unrouted_results().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         for worker in workers {
             self.declare_worker(channel, worker, durable_queue).await?;
@@ -147,10 +179,18 @@ impl Topology {
             "x-delivery-limit".into(),
             AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
         );
-        channel.queue_declare(queue.clone().into(), options, args).await?;
+        channel
+            .queue_declare(queue.clone().into(), options, args)
+            .await?;
         for kind in crate::events::EventType::ALL {
             channel
-                .queue_bind(queue.clone().into(), self.events_exchange().into(), kind.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    queue.clone().into(),
+                    self.events_exchange().into(),
+                    kind.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
         for secs in DELAY_STEPS_SECS {
@@ -174,13 +214,26 @@ impl Topology {
         let mut queues = vec![self.dead_letter_queue(), self.unrouted_results()];
         for worker in workers {
             queues.push(self.worker_queue(worker));
-            queues.extend(DELAY_STEPS_SECS.iter().map(|secs| self.delay_queue(worker, *secs)));
+            queues.extend(
+                DELAY_STEPS_SECS
+                    .iter()
+                    .map(|secs| self.delay_queue(worker, *secs)),
+            );
         }
         for queue in queues {
-            channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+            channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await?;
         }
-        for exchange in [self.events_exchange(), self.results_exchange(), self.unrouted_results(), self.dead_letter_exchange()] {
-            channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await?;
+        for exchange in [
+            self.events_exchange(),
+            self.results_exchange(),
+            self.unrouted_results(),
+            self.dead_letter_exchange(),
+        ] {
+            channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await?;
         }
         Ok(())
     }

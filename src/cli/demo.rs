@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
@@ -28,10 +27,22 @@ use crate::workers::Catalog;
 
 /// The sample tickets, built in so the demo runs from any directory.
 pub const SAMPLES: [(&str, &str); 4] = [
-    ("ticket-created.json", include_str!("../../schemas/examples/ticket-created.json")),
-    ("ticket-message-added.json", include_str!("../../schemas/examples/ticket-message-added.json")),
-    ("ticket-created-de.json", include_str!("../../schemas/examples/ticket-created-de.json")),
-    ("ticket-created-unconfigured-org.json", include_str!("../../schemas/examples/ticket-created-unconfigured-org.json")),
+    (
+        "ticket-created.json",
+        include_str!("../../schemas/examples/ticket-created.json"),
+    ),
+    (
+        "ticket-message-added.json",
+        include_str!("../../schemas/examples/ticket-message-added.json"),
+    ),
+    (
+        "ticket-created-de.json",
+        include_str!("../../schemas/examples/ticket-created-de.json"),
+    ),
+    (
+        "ticket-created-unconfigured-org.json",
+        include_str!("../../schemas/examples/ticket-created-unconfigured-org.json"),
+    ),
 ];
 
 const DEMO_ORG: &str = "org_acme";
@@ -45,9 +56,14 @@ pub struct DemoArgs {
 
 /// The demo's own database: the configured one with `_demo` appended to its name.
 fn demo_database_url(url: &str) -> anyhow::Result<String> {
-    let mut parsed = url::Url::parse(url).context("the demo needs COPILOT_DATABASE_URL in URL form")?;
+    let mut parsed =
+        url::Url::parse(url).context("the demo needs COPILOT_DATABASE_URL in URL form")?;
     let name = parsed.path().trim_start_matches('/').to_owned();
-    let name = if name.is_empty() { "copilot".to_owned() } else { name };
+    let name = if name.is_empty() {
+        "copilot".to_owned()
+    } else {
+        name
+    };
     parsed.set_path(&format!("/{name}_demo"));
     Ok(parsed.to_string())
 }
@@ -65,7 +81,11 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let catalog = Catalog::load(&settings.workers_dir, &settings.schemas_dir)
         .context("the demo runs from the repository root, where workers/ and schemas/ are")?;
 
-    println!("▸ preparing database {} and topology prefix {:?}", redact_url(&settings.database_url), settings.topology_prefix);
+    println!(
+        "▸ preparing database {} and topology prefix {:?}",
+        redact_url(&settings.database_url),
+        settings.topology_prefix
+    );
     crate::store::migrations::migrate(&settings.database_url).await?;
     let store = Store::connect(&settings.database_url, 4)?;
     store.clear_demo_state().await?;
@@ -76,7 +96,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         expected_key: Some(demo_key.to_owned()),
     })
     .await?;
-    println!("▸ fake OpenAI-compatible provider at {} (requires the demo org's key)", fake.base_url());
+    println!(
+        "▸ fake OpenAI-compatible provider at {} (requires the demo org's key)",
+        fake.base_url()
+    );
     store
         .put_provider_config(&ProviderConfig {
             org_id: DEMO_ORG.to_owned(),
@@ -103,7 +126,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     // Start from a clean slate, in case an earlier demo was interrupted.
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
-    let admin = broker::connect(&settings.amqp_url, "copilot-workers demo").await
+    let admin = broker::connect(&settings.amqp_url, "copilot-workers demo")
+        .await
         .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
     let publisher = Publisher::new(&admin).await?;
     topology.delete(publisher.channel(), &names).await?;
@@ -114,7 +138,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         let settings = settings.clone();
         let catalog = catalog.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { crate::service::run(&settings, keys, catalog, shutdown, Some(started_tx)).await })
+        tokio::spawn(async move {
+            crate::service::run(&settings, keys, catalog, shutdown, Some(started_tx)).await
+        })
     };
     let Ok(started) = started_rx.await else {
         return match service.await {
@@ -122,18 +148,13 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
             _ => Err(anyhow::anyhow!("the service stopped before it was ready")),
         };
     };
-    println!("▸ workers running: {} (metrics at http://{}/metrics)", names.join(", "), started.http_addr);
+    println!(
+        "▸ workers running: {} (metrics at http://{}/metrics)",
+        names.join(", "),
+        started.http_addr
+    );
 
-    let channel = admin.create_channel().await?;
-    let results = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    channel
-        .queue_bind(results.name().clone(), topology.results_exchange().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(results.name().clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
+    let (_tap_channel, mut consumer) = broker::tap(&admin, &topology.results_exchange()).await?;
 
     let mut expected = 0;
     let mut subjects = BTreeMap::new();
@@ -141,14 +162,26 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         let event = events::parse_event(body.as_bytes(), None, settings.max_event_bytes)
             .map_err(|err| anyhow::anyhow!("sample {name} is invalid: {err}"))?;
         if event.data.org_id == DEMO_ORG {
-            expected += catalog.all().iter().filter(|worker| worker.handles(event.kind)).count();
+            expected += catalog
+                .all()
+                .iter()
+                .filter(|worker| worker.handles(event.kind))
+                .count();
         }
-        subjects.insert(event.data.ticket.id.clone(), (event.data.ticket.subject.clone(), event.data.org_id.clone()));
+        subjects.insert(
+            event.data.ticket.id.clone(),
+            (event.data.ticket.subject.clone(), event.data.org_id.clone()),
+        );
         let exchange = topology.events_exchange();
         let mut message = Outgoing::new(&exchange, event.kind.as_str(), body.as_bytes());
         message.content_type = events::CLOUDEVENTS_JSON;
         publisher.publish(&message).await?;
-        println!("▸ published {name}: {} for {} ({})", event.kind.as_str(), event.data.org_id, event.data.ticket.id);
+        println!(
+            "▸ published {name}: {} for {} ({})",
+            event.kind.as_str(),
+            event.data.org_id,
+            event.data.ticket.id
+        );
     }
 
     let mut received: BTreeMap<String, Vec<ResultEvent>> = BTreeMap::new();
@@ -159,7 +192,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         let Ok(Some(Ok(delivery))) = next else { break };
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
         if let Ok(result) = serde_json::from_slice::<ResultEvent>(&delivery.data) {
-            received.entry(result.data.ticket_id.clone()).or_default().push(result);
+            received
+                .entry(result.data.ticket_id.clone())
+                .or_default()
+                .push(result);
             count += 1;
         }
     }
@@ -170,7 +206,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     for (ticket, (subject, org)) in &subjects {
         println!("━━ {ticket} · {subject} · {org}");
         match received.get_mut(ticket) {
-            None => println!("   no AI: {org} has no provider config, so the event was acked and skipped (no request made)\n"),
+            None => println!(
+                "   no AI: {org} has no provider config, so the event was acked and skipped (no request made)\n"
+            ),
             Some(results) => {
                 results.sort_by(|a, b| a.data.worker.cmp(&b.data.worker));
                 for result in results.iter() {
@@ -181,7 +219,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     let requests = fake.requests();
-    println!("{count} of {expected} expected results; the fake provider answered {requests} request(s), all with {DEMO_ORG}'s key");
+    println!(
+        "{count} of {expected} expected results; the fake provider answered {requests} request(s), all with {DEMO_ORG}'s key"
+    );
 
     shutdown.cancel();
     service.await.context("service task failed")??;
@@ -196,8 +236,13 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 fn print_result(result: &ResultEvent) {
     let data = &result.data;
     let status = if result.is_completed() { "✓" } else { "✗" };
-    println!("   {status} {:<12} {:>5} ms  {} tokens  model {}", data.worker, data.latency_ms,
-        data.usage.prompt_tokens + data.usage.completion_tokens, data.model);
+    println!(
+        "   {status} {:<12} {:>5} ms  {} tokens  model {}",
+        data.worker,
+        data.latency_ms,
+        data.usage.prompt_tokens + data.usage.completion_tokens,
+        data.model
+    );
     if let Some(output) = &data.output
         && let Some(object) = output.as_object()
     {

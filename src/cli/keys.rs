@@ -21,7 +21,10 @@ pub async fn run(settings: &Settings, command: KeysCommand) -> anyhow::Result<()
             let report = rotate(&store, &keys).await?;
             println!(
                 "rotated {} key(s) to master key {}; {} already current; {} changed concurrently (left as written)",
-                report.rotated, keys.active_key_id(), report.current, report.raced
+                report.rotated,
+                keys.active_key_id(),
+                report.current,
+                report.raced
             );
             Ok(())
         }
@@ -40,14 +43,19 @@ pub struct RotationReport {
 pub async fn rotate(store: &Store, keys: &KeyRing) -> anyhow::Result<RotationReport> {
     let mut report = RotationReport::default();
     for config in store.provider_configs().await? {
-        let Some(sealed) = config.api_key else { continue };
+        let Some(sealed) = config.api_key else {
+            continue;
+        };
         if sealed.key_id == keys.active_key_id() {
             report.current += 1;
             continue;
         }
         let plaintext = keys.open(&config.org_id, &sealed)?;
         let resealed = keys.seal(&config.org_id, &plaintext)?;
-        if store.replace_sealed_key(&config.org_id, &sealed, &resealed).await? {
+        if store
+            .replace_sealed_key(&config.org_id, &sealed, &resealed)
+            .await?
+        {
             report.rotated += 1;
         } else {
             report.raced += 1;

@@ -13,7 +13,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::Settings;
 use crate::crypto::{self, KeyRing};
-use crate::provider::{ChatMessage, ChatRequest, Profile, ProviderClient, ProviderTarget, ResponseFormat};
+use crate::provider::{
+    ChatMessage, ChatRequest, Profile, ProviderClient, ProviderTarget, ResponseFormat,
+};
 use crate::store::Store;
 use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
 
@@ -95,16 +97,29 @@ pub async fn run(settings: &Settings, command: OrgCommand) -> anyhow::Result<()>
         OrgCommand::Set(args) => set(settings, &store, *args).await,
         OrgCommand::Show { org } => {
             let keys = KeyRing::from_env()?;
-            let config = store.provider_config(&org).await?.with_context(|| format!("org {org} has no provider config"))?;
+            let config = store
+                .provider_config(&org)
+                .await?
+                .with_context(|| format!("org {org} has no provider config"))?;
             print!("{}", describe(&config, &keys));
             Ok(())
         }
         OrgCommand::List => {
             let configs = store.provider_configs().await?;
-            println!("{:<24} {:<9} {:<8} {:<8} {:<24} BASE URL", "ORG", "PROFILE", "ENABLED", "HEALTHY", "MODEL");
+            println!(
+                "{:<24} {:<9} {:<8} {:<8} {:<24} BASE URL",
+                "ORG", "PROFILE", "ENABLED", "HEALTHY", "MODEL"
+            );
             for config in configs {
-                println!("{:<24} {:<9} {:<8} {:<8} {:<24} {}", config.org_id, config.profile.as_str(),
-                    config.enabled, config.health.healthy, config.model, config.base_url);
+                println!(
+                    "{:<24} {:<9} {:<8} {:<8} {:<24} {}",
+                    config.org_id,
+                    config.profile.as_str(),
+                    config.enabled,
+                    config.health.healthy,
+                    config.model,
+                    config.base_url
+                );
             }
             Ok(())
         }
@@ -125,23 +140,40 @@ async fn toggle(store: &Store, org: &str, enabled: bool) -> anyhow::Result<()> {
     if !store.set_provider_enabled(org, enabled).await? {
         bail!("org {org} has no provider config");
     }
-    println!("{org}: {}", if enabled { "enabled" } else { "disabled; its events are skipped" });
+    println!(
+        "{org}: {}",
+        if enabled {
+            "enabled"
+        } else {
+            "disabled; its events are skipped"
+        }
+    );
     Ok(())
 }
 
 fn read_key(args: &SetArgs) -> anyhow::Result<Option<SecretString>> {
     let raw = if args.api_key_stdin {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("cannot read the API key from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the API key from stdin")?;
         Some(text)
     } else if let Some(path) = &args.api_key_file {
-        Some(std::fs::read_to_string(path).with_context(|| format!("cannot read the API key file {}", path.display()))?)
+        Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the API key file {}", path.display()))?,
+        )
     } else if let Some(name) = &args.api_key_env {
-        Some(std::env::var(name).with_context(|| format!("environment variable {name} is not set"))?)
+        Some(
+            std::env::var(name)
+                .with_context(|| format!("environment variable {name} is not set"))?,
+        )
     } else {
         None
     };
-    Ok(raw.map(|text| SecretString::from(text.trim().to_owned())).filter(|key| !key.expose_secret().is_empty()))
+    Ok(raw
+        .map(|text| SecretString::from(text.trim().to_owned()))
+        .filter(|key| !key.expose_secret().is_empty()))
 }
 
 async fn set(settings: &Settings, store: &Store, args: SetArgs) -> anyhow::Result<()> {
@@ -159,7 +191,9 @@ async fn set(settings: &Settings, store: &Store, args: SetArgs) -> anyhow::Resul
             Some((worker, model)) if !worker.is_empty() && !model.is_empty() => {
                 worker_models.insert(worker.to_owned(), model.to_owned());
             }
-            _ => problems.push(format!("--worker-model {pair:?} must look like worker=model")),
+            _ => problems.push(format!(
+                "--worker-model {pair:?} must look like worker=model"
+            )),
         }
     }
     let existing = store.provider_config(&args.org).await?;
@@ -168,7 +202,10 @@ async fn set(settings: &Settings, store: &Store, args: SetArgs) -> anyhow::Resul
         None => existing.as_ref().and_then(|config| config.api_key.clone()),
     };
     if api_key.is_none() && args.provider.requires_key() {
-        problems.push(format!("profile {} needs an API key: use --api-key-stdin, --api-key-file or --api-key-env", args.provider.as_str()));
+        problems.push(format!(
+            "profile {} needs an API key: use --api-key-stdin, --api-key-file or --api-key-env",
+            args.provider.as_str()
+        ));
     }
     if !problems.is_empty() {
         bail!("invalid org config:\n  - {}", problems.join("\n  - "));
@@ -219,12 +256,32 @@ fn describe(config: &ProviderConfig, keys: &KeyRing) -> String {
     line("api key", key);
     line("enabled", config.enabled.to_string());
     line("healthy", config.health.healthy.to_string());
-    line("workers", config.enabled_workers.as_ref().map_or("all".to_owned(), |w| w.join(",")));
+    line(
+        "workers",
+        config
+            .enabled_workers
+            .as_ref()
+            .map_or("all".to_owned(), |w| w.join(",")),
+    );
     if !config.worker_models.is_empty() {
-        line("worker models", config.worker_models.iter().map(|(w, m)| format!("{w}={m}")).collect::<Vec<_>>().join(","));
+        line(
+            "worker models",
+            config
+                .worker_models
+                .iter()
+                .map(|(w, m)| format!("{w}={m}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
     }
-    line("params", serde_json::to_string(&config.params).unwrap_or_default());
-    line("context", serde_json::to_string(&config.context).unwrap_or_default());
+    line(
+        "params",
+        serde_json::to_string(&config.params).unwrap_or_default(),
+    );
+    line(
+        "context",
+        serde_json::to_string(&config.context).unwrap_or_default(),
+    );
     if let Some(cap) = config.max_concurrency {
         line("max concurrency", cap.to_string());
     }
@@ -232,22 +289,38 @@ fn describe(config: &ProviderConfig, keys: &KeyRing) -> String {
         line("last success", at.clone());
     }
     if let Some(at) = &config.health.last_error_at {
-        line("last error", format!("{at}: {}", config.health.last_error.clone().unwrap_or_default()));
+        line(
+            "last error",
+            format!(
+                "{at}: {}",
+                config.health.last_error.clone().unwrap_or_default()
+            ),
+        );
     }
     text
 }
 
 async fn test(settings: &Settings, store: &Store, org: &str) -> anyhow::Result<()> {
     let keys = KeyRing::from_env()?;
-    let config = store.provider_config(org).await?.with_context(|| format!("org {org} has no provider config"))?;
-    let api_key = config.api_key.as_ref().map(|sealed| keys.open(org, sealed)).transpose()?;
+    let config = store
+        .provider_config(org)
+        .await?
+        .with_context(|| format!("org {org} has no provider config"))?;
+    let api_key = config
+        .api_key
+        .as_ref()
+        .map(|sealed| keys.open(org, sealed))
+        .transpose()?;
     let client = ProviderClient::new(settings.endpoint_policy)?;
     let target = ProviderTarget {
         profile: config.profile,
         base_url: config.base_url.clone(),
         api_key,
         model: config.model.clone(),
-        timeout: config.params.timeout_secs.map_or(Duration::from_secs(30), Duration::from_secs),
+        timeout: config
+            .params
+            .timeout_secs
+            .map_or(Duration::from_secs(30), Duration::from_secs),
         api_version: config.params.api_version.clone(),
     };
     let request = ChatRequest {
@@ -259,13 +332,20 @@ async fn test(settings: &Settings, store: &Store, org: &str) -> anyhow::Result<(
     match client.chat(&target, &request).await {
         Ok(reply) => {
             store.record_provider_success(org).await?;
-            println!("ok: {} answered in {} ms ({} prompt + {} completion tokens)", reply.model,
-                reply.latency.as_millis(), reply.usage.prompt_tokens, reply.usage.completion_tokens);
+            println!(
+                "ok: {} answered in {} ms ({} prompt + {} completion tokens)",
+                reply.model,
+                reply.latency.as_millis(),
+                reply.usage.prompt_tokens,
+                reply.usage.completion_tokens
+            );
             Ok(())
         }
         Err(err) => {
             let message = err.to_string();
-            store.record_provider_failure(org, &message, err.class().is_config_problem()).await?;
+            store
+                .record_provider_failure(org, &message, err.class().is_config_problem())
+                .await?;
             bail!("{org}: {message} [{}]", err.class().as_str())
         }
     }

@@ -19,14 +19,18 @@ pub struct PublishArgs {
 }
 
 pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
-    let body = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let body = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
     let routing_key = match events::parse_event(&body, None, settings.max_event_bytes) {
         Ok(event) => event.kind.as_str().to_owned(),
         Err(bad) if args.unchecked => {
             eprintln!("warning: publishing an invalid event ({bad})");
             "ticket.created".to_owned()
         }
-        Err(bad) => anyhow::bail!("{} is not a valid ticket event: {bad} (use --unchecked to send it anyway)", args.file.display()),
+        Err(bad) => anyhow::bail!(
+            "{} is not a valid ticket event: {bad} (use --unchecked to send it anyway)",
+            args.file.display()
+        ),
     };
     let connection = broker::connect(&settings.amqp_url, "copilot-workers publish-cli").await?;
     let publisher = Publisher::new(&connection).await?;
@@ -35,9 +39,14 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
     let mut message = Outgoing::new(&exchange, &routing_key, &body);
     message.content_type = events::CLOUDEVENTS_JSON;
     publisher.publish(&message).await.with_context(|| {
-        format!("publish to {exchange} failed; has `copilot-workers run` declared the topology yet?")
+        format!(
+            "publish to {exchange} failed; has `copilot-workers run` declared the topology yet?"
+        )
     })?;
-    println!("published {} to {exchange} with routing key {routing_key}", args.file.display());
+    println!(
+        "published {} to {exchange} with routing key {routing_key}",
+        args.file.display()
+    );
     let _ = connection.close(200, "done".into()).await;
     Ok(())
 }

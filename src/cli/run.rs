@@ -17,7 +17,8 @@ pub struct RunArgs {
 
 pub async fn run(settings: Settings, args: RunArgs) -> anyhow::Result<()> {
     let keys = Arc::new(KeyRing::from_env()?);
-    let catalog = Catalog::load(&settings.workers_dir, &settings.schemas_dir)?.select(&args.workers)?;
+    let catalog =
+        Catalog::load(&settings.workers_dir, &settings.schemas_dir)?.select(&args.workers)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     crate::service::run(&settings, keys, catalog, shutdown, None).await
@@ -28,7 +29,10 @@ pub(crate) async fn stop_on_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };

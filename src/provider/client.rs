@@ -12,9 +12,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::Profile;
 use super::guard::{self, EndpointRefused, GuardedResolver};
 use super::retry::{ProviderError, parse_retry_after};
-use super::Profile;
 use crate::config::EndpointPolicy;
 use crate::events::Usage;
 
@@ -64,7 +64,10 @@ pub enum ResponseFormat {
     /// Nothing asked; the schema is in the prompt.
     Text,
     JsonObject,
-    JsonSchema { name: String, schema: Value },
+    JsonSchema {
+        name: String,
+        schema: Value,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -204,7 +207,10 @@ impl ProviderClient {
             (None, _) => {}
         }
         let started = Instant::now();
-        let mut response = builder.send().await.map_err(|err| transport_error(err, target.timeout))?;
+        let mut response = builder
+            .send()
+            .await
+            .map_err(|err| transport_error(err, target.timeout))?;
         let status = response.status();
         let retry_after = parse_retry_after(response.headers(), time::OffsetDateTime::now_utc());
         let mut bytes = Vec::new();
@@ -280,7 +286,11 @@ fn error_code(body: &[u8]) -> Option<String> {
     code.or_else(|| error.get("type").and_then(Value::as_str).and_then(clean))
 }
 
-fn parse_reply(bytes: &[u8], latency: Duration, requested_model: &str) -> Result<ChatReply, ProviderError> {
+fn parse_reply(
+    bytes: &[u8],
+    latency: Duration,
+    requested_model: &str,
+) -> Result<ChatReply, ProviderError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|_| ProviderError::Malformed("not JSON".into()))?;
     let content = value

@@ -81,7 +81,11 @@ impl Drop for FakeProvider {
     }
 }
 
-async fn answer(State(state): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn answer(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     if let Some(expected) = &state.behaviour.expected_key {
         let given = headers
             .get("authorization")
@@ -138,14 +142,22 @@ fn first_sentence(text: &str) -> String {
 
 fn guess_language(text: &str) -> &'static str {
     let lower = format!(" {} ", text.to_lowercase());
-    let score = |words: &[&str]| words.iter().filter(|w| lower.contains(&format!(" {w} "))).count();
+    let score = |words: &[&str]| {
+        words
+            .iter()
+            .filter(|w| lower.contains(&format!(" {w} ")))
+            .count()
+    };
     let candidates = [
         ("de", score(&["der", "die", "und", "nicht", "ich", "ist"])),
         ("fr", score(&["le", "la", "et", "je", "pas", "est"])),
         ("es", score(&["el", "los", "y", "no", "está", "mi"])),
         ("en", score(&["the", "and", "is", "my", "not", "i"])),
     ];
-    candidates.iter().max_by_key(|(_, s)| *s).map_or("en", |(lang, _)| lang)
+    candidates
+        .iter()
+        .max_by_key(|(_, s)| *s)
+        .map_or("en", |(lang, _)| lang)
 }
 
 /// Builds an output for `worker` from the prompt text; unknown workers get a minimal
@@ -159,11 +171,23 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
         .collect();
     let latest = customer.last().copied().unwrap_or(subject);
     let lower = prompt.to_lowercase();
-    let negative = ["angry", "unacceptable", "refund", "broken", "down", "frustrat", "again", "worst", "cancel"]
+    let negative = [
+        "angry",
+        "unacceptable",
+        "refund",
+        "broken",
+        "down",
+        "frustrat",
+        "again",
+        "worst",
+        "cancel",
+    ]
+    .iter()
+    .filter(|w| lower.contains(*w))
+    .count();
+    let urgent = ["urgent", "asap", "outage", "down", "immediately"]
         .iter()
-        .filter(|w| lower.contains(*w))
-        .count();
-    let urgent = ["urgent", "asap", "outage", "down", "immediately"].iter().any(|w| lower.contains(w));
+        .any(|w| lower.contains(w));
     match worker {
         "summarize" => json!({
             "summary": format!("{} The customer writes: {}", first_sentence(subject), first_sentence(latest)),
@@ -174,14 +198,26 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
             let categories: Vec<String> = schema
                 .pointer("/properties/category/enum")
                 .and_then(Value::as_array)
-                .map(|values| values.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .map(|values| {
+                    values
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
             let category = categories
                 .iter()
                 .find(|c| lower.contains(&c.to_lowercase()))
                 .or(categories.first())
                 .cloned()
-                .unwrap_or_else(|| if lower.contains("invoice") || lower.contains("refund") { "billing".into() } else { "technical".into() });
+                .unwrap_or_else(|| {
+                    if lower.contains("invoice") || lower.contains("refund") {
+                        "billing".into()
+                    } else {
+                        "technical".into()
+                    }
+                });
             json!({
                 "category": category,
                 "priority": if urgent { "urgent" } else if negative > 1 { "high" } else { "normal" },
@@ -199,7 +235,9 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
         }
         "language" => json!({"language": guess_language(latest), "confidence": 0.9}),
         "reply_draft" => {
-            let language = line_after(prompt, "Reply language:").filter(|l| l.len() == 2).unwrap_or_else(|| guess_language(latest));
+            let language = line_after(prompt, "Reply language:")
+                .filter(|l| l.len() == 2)
+                .unwrap_or_else(|| guess_language(latest));
             json!({
                 "reply": format!("Hello,\n\nthank you for reaching out about \"{subject}\". We are looking into it and will get back to you shortly.\n\nBest regards,\nSupport"),
                 "language": language,
@@ -212,15 +250,25 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
 
 /// A minimal instance of a JSON Schema: required properties with placeholder values.
 fn instance_of(schema: &Value) -> Value {
-    if let Some(first) = schema.get("enum").and_then(Value::as_array).and_then(|v| v.first()) {
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|v| v.first())
+    {
         return first.clone();
     }
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
             let mut object = serde_json::Map::new();
-            let required = schema.get("required").and_then(Value::as_array).cloned().unwrap_or_default();
+            let required = schema
+                .get("required")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             for name in required.iter().filter_map(Value::as_str) {
-                let property = schema.pointer(&format!("/properties/{name}")).unwrap_or(&Value::Null);
+                let property = schema
+                    .pointer(&format!("/properties/{name}"))
+                    .unwrap_or(&Value::Null);
                 object.insert(name.to_owned(), instance_of(property));
             }
             Value::Object(object)
@@ -240,6 +288,9 @@ mod tests {
     fn unknown_workers_get_a_schema_instance() {
         let schema = json!({"type": "object", "required": ["a", "b", "c"], "properties": {
             "a": {"type": "string"}, "b": {"enum": ["x", "y"]}, "c": {"type": "number", "minimum": 1}}});
-        assert_eq!(instance_of(&schema), json!({"a": "example", "b": "x", "c": 1}));
+        assert_eq!(
+            instance_of(&schema),
+            json!({"a": "example", "b": "x", "c": 1})
+        );
     }
 }

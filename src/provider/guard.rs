@@ -34,7 +34,9 @@ pub enum EndpointRefused {
     Forbidden(IpAddr),
     #[error("address {0} is loopback; set COPILOT_ALLOW_LOOPBACK_PROVIDERS=true to allow it")]
     Loopback(IpAddr),
-    #[error("address {0} is in a private range; set COPILOT_ALLOW_PRIVATE_PROVIDERS=true to allow it")]
+    #[error(
+        "address {0} is in a private range; set COPILOT_ALLOW_PRIVATE_PROVIDERS=true to allow it"
+    )]
     Private(IpAddr),
 }
 
@@ -145,9 +147,8 @@ impl Resolve for GuardedResolver {
         let host = name.as_str().to_owned();
         Box::pin(async move {
             check_host_name(&host)?;
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut refusal = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
@@ -195,8 +196,19 @@ mod tests {
             allow_loopback: true,
             allow_private: true,
         };
-        for addr in ["169.254.169.254", "169.254.1.1", "fe80::1", "fd00:ec2::254", "0.0.0.0", "::ffff:169.254.169.254", "100.100.100.200"] {
-            assert!(matches!(check_ip(ip(addr), all), Err(EndpointRefused::Forbidden(_))), "{addr}");
+        for addr in [
+            "169.254.169.254",
+            "169.254.1.1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "0.0.0.0",
+            "::ffff:169.254.169.254",
+            "100.100.100.200",
+        ] {
+            assert!(
+                matches!(check_ip(ip(addr), all), Err(EndpointRefused::Forbidden(_))),
+                "{addr}"
+            );
         }
         assert!(matches!(
             check_url("http://metadata.google.internal/v1", all),
@@ -207,11 +219,29 @@ mod tests {
 
     #[test]
     fn loopback_and_private_need_the_operator() {
-        assert!(matches!(check_ip(ip("127.0.0.1"), STRICT), Err(EndpointRefused::Loopback(_))));
-        assert!(matches!(check_ip(ip("::1"), STRICT), Err(EndpointRefused::Loopback(_))));
+        assert!(matches!(
+            check_ip(ip("127.0.0.1"), STRICT),
+            Err(EndpointRefused::Loopback(_))
+        ));
+        assert!(matches!(
+            check_ip(ip("::1"), STRICT),
+            Err(EndpointRefused::Loopback(_))
+        ));
         assert!(check_ip(ip("127.0.0.1"), LOOPBACK).is_ok());
-        for addr in ["10.0.0.1", "172.16.5.4", "192.168.1.1", "fd12::1", "100.64.0.1"] {
-            assert!(matches!(check_ip(ip(addr), LOOPBACK), Err(EndpointRefused::Private(_))), "{addr}");
+        for addr in [
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "fd12::1",
+            "100.64.0.1",
+        ] {
+            assert!(
+                matches!(
+                    check_ip(ip(addr), LOOPBACK),
+                    Err(EndpointRefused::Private(_))
+                ),
+                "{addr}"
+            );
         }
         assert!(check_ip(ip("8.8.8.8"), STRICT).is_ok());
         assert!(check_url("https://api.openai.com/v1", STRICT).is_ok());
@@ -234,7 +264,9 @@ mod tests {
         };
         assert!(addrs.iter().all(|addr| addr.ip().is_loopback()));
         assert!(!addrs.is_empty());
-        let metadata = allowed.resolve("metadata.google.internal".parse().unwrap()).await;
+        let metadata = allowed
+            .resolve("metadata.google.internal".parse().unwrap())
+            .await;
         assert!(metadata.is_err());
     }
 }

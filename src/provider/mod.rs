@@ -6,11 +6,15 @@ pub mod fake;
 pub mod guard;
 pub mod retry;
 
-pub use client::{ChatMessage, ChatReply, ChatRequest, ProviderClient, ProviderTarget, ResponseFormat};
+pub use client::{
+    ChatMessage, ChatReply, ChatRequest, ProviderClient, ProviderTarget, ResponseFormat,
+};
 pub use retry::{ErrorClass, ProviderError};
 
 /// A provider profile: how to address a family of OpenAI-compatible APIs and what they accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// api.openai.com and anything that speaks its API fully.
@@ -57,7 +61,9 @@ impl Profile {
     }
 
     pub fn parse(text: &str) -> Option<Profile> {
-        Profile::ALL.into_iter().find(|profile| profile.as_str() == text)
+        Profile::ALL
+            .into_iter()
+            .find(|profile| profile.as_str() == text)
     }
 
     /// Whether this profile needs an API key.

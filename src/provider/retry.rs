@@ -310,7 +310,9 @@ mod tests {
             max_delay: Duration::from_secs(2),
             in_process_cap: Duration::from_secs(20),
         };
-        let top: Vec<u128> = (1..=6).map(|n| policy.delay(n, None, 1.0).as_millis()).collect();
+        let top: Vec<u128> = (1..=6)
+            .map(|n| policy.delay(n, None, 1.0).as_millis())
+            .collect();
         assert_eq!(top, vec![100, 200, 400, 800, 1600, 2000]);
         assert_eq!(policy.delay(3, None, 0.0), Duration::ZERO);
         for _ in 0..1000 {
@@ -333,15 +335,27 @@ mod tests {
             parse_retry_after(&headers, now)
         };
         assert_eq!(read("retry-after", "7"), Some(Duration::from_secs(7)));
-        assert_eq!(read("retry-after-ms", "250"), Some(Duration::from_millis(250)));
-        assert_eq!(read("x-ms-retry-after-ms", "1500"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            read("retry-after-ms", "250"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            read("x-ms-retry-after-ms", "1500"),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(
             read("retry-after", "Fri, 04 Dec 2026 10:00:30 GMT"),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(read("retry-after", "Fri, 04 Dec 2026 09:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            read("retry-after", "Fri, 04 Dec 2026 09:00:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(read("retry-after", "soon"), None);
-        assert_eq!(read("retry-after", "999999"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            read("retry-after", "999999"),
+            Some(Duration::from_secs(3600))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -365,7 +379,13 @@ mod tests {
             }
         })
         .await;
-        assert!(matches!(outcome, Attempted::Done { value: "done", attempts: 3 }));
+        assert!(matches!(
+            outcome,
+            Attempted::Done {
+                value: "done",
+                attempts: 3
+            }
+        ));
         // Two waits, each at least the provider's two seconds.
         assert!(start.elapsed() >= Duration::from_secs(4));
         assert!(start.elapsed() < Duration::from_secs(62));
@@ -409,7 +429,9 @@ mod tests {
         })
         .await;
         match outcome {
-            Attempted::Park { delay, attempts, .. } => {
+            Attempted::Park {
+                delay, attempts, ..
+            } => {
                 assert_eq!(delay, Duration::from_secs(120));
                 assert_eq!(attempts, 1);
             }

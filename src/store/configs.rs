@@ -132,7 +132,10 @@ fn from_row(row: &Row) -> Result<ProviderConfig, StoreError> {
 
 impl Store {
     /// The config of `org_id`, if it has one.
-    pub async fn provider_config(&self, org_id: &str) -> Result<Option<ProviderConfig>, StoreError> {
+    pub async fn provider_config(
+        &self,
+        org_id: &str,
+    ) -> Result<Option<ProviderConfig>, StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(&format!(
@@ -207,7 +210,11 @@ impl Store {
     }
 
     /// Enables or disables an org's config; returns whether there was one.
-    pub async fn set_provider_enabled(&self, org_id: &str, enabled: bool) -> Result<bool, StoreError> {
+    pub async fn set_provider_enabled(
+        &self,
+        org_id: &str,
+        enabled: bool,
+    ) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let changed = client
             .execute(

@@ -75,7 +75,9 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("name", &self.spec.name).finish()
+        f.debug_struct("Worker")
+            .field("name", &self.spec.name)
+            .finish()
     }
 }
 
@@ -163,8 +165,8 @@ impl Catalog {
                 reason: err.to_string(),
             })?;
             let schema_path = schemas_dir.join(&spec.output_schema);
-            let schema_text =
-                std::fs::read_to_string(&schema_path).map_err(|err| read_error(&schema_path, err))?;
+            let schema_text = std::fs::read_to_string(&schema_path)
+                .map_err(|err| read_error(&schema_path, err))?;
             let schema: Value =
                 serde_json::from_str(&schema_text).map_err(|err| WorkerError::Invalid {
                     path: schema_path.display().to_string(),

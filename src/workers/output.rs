@@ -44,7 +44,11 @@ impl Worker {
             .take(5)
             .map(|err| {
                 let path = err.instance_path().to_string();
-                let at = if path.is_empty() { "/".to_owned() } else { path };
+                let at = if path.is_empty() {
+                    "/".to_owned()
+                } else {
+                    path
+                };
                 format!("{at}: {err}")
             })
             .collect();

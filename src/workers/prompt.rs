@@ -57,7 +57,8 @@ fn trim_messages(messages: &[TicketMessage], budget: usize) -> (Vec<TicketMessag
         .iter()
         .map(|message| {
             let mut message = message.clone();
-            if let Some(short) = shorten(&message.body, MAX_MESSAGE_TOKENS.min(budget / 2).max(50)) {
+            if let Some(short) = shorten(&message.body, MAX_MESSAGE_TOKENS.min(budget / 2).max(50))
+            {
                 message.body = short;
                 report.shortened_messages += 1;
             }
@@ -90,7 +91,11 @@ fn trim_messages(messages: &[TicketMessage], budget: usize) -> (Vec<TicketMessag
 /// The ticket as the standard text block every prompt can include as `{{ ticket_text }}`.
 fn transcript(ticket: &Ticket, messages: &[TicketMessage], trim: TrimReport) -> String {
     let mut text = format!("Ticket: {}\nSubject: {}\n", ticket.id, ticket.subject);
-    for (label, value) in [("Status", &ticket.status), ("Priority", &ticket.priority), ("Channel", &ticket.channel)] {
+    for (label, value) in [
+        ("Status", &ticket.status),
+        ("Priority", &ticket.priority),
+        ("Channel", &ticket.channel),
+    ] {
         if let Some(value) = value {
             text.push_str(&format!("{label}: {value}\n"));
         }
@@ -101,9 +106,16 @@ fn transcript(ticket: &Ticket, messages: &[TicketMessage], trim: TrimReport) -> 
     text.push_str("Messages, oldest first:\n");
     for (index, message) in messages.iter().enumerate() {
         if index == 1 && trim.omitted_messages > 0 {
-            text.push_str(&format!("[… {} earlier messages omitted to fit the budget …]\n", trim.omitted_messages));
+            text.push_str(&format!(
+                "[… {} earlier messages omitted to fit the budget …]\n",
+                trim.omitted_messages
+            ));
         }
-        text.push_str(&format!("[{}] {}\n", message.author_role, message.body.replace('\n', " ")));
+        text.push_str(&format!(
+            "[{}] {}\n",
+            message.author_role,
+            message.body.replace('\n', " ")
+        ));
     }
     text
 }
@@ -176,7 +188,10 @@ impl Worker {
         let digest = ring::digest::digest(&ring::digest::SHA256, &hash_input);
         let input_hash = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Ok(Prepared {
-            messages: vec![ChatMessage::new("system", system), ChatMessage::new("user", user)],
+            messages: vec![
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", user),
+            ],
             response_format,
             schema,
             input_hash,
@@ -216,7 +231,10 @@ mod tests {
         let used: usize = kept.iter().map(|m| estimate_tokens(&m.body) + 12).sum();
         assert!(used <= 3000, "{used}");
         // The kept latest messages are contiguous and in order.
-        let ids: Vec<usize> = kept[1..].iter().map(|m| m.id[1..].parse().unwrap()).collect();
+        let ids: Vec<usize> = kept[1..]
+            .iter()
+            .map(|m| m.id[1..].parse().unwrap())
+            .collect();
         assert!(ids.windows(2).all(|w| w[1] == w[0] + 1));
     }
 

@@ -1,0 +1,5 @@
+//! Integration tests: real RabbitMQ, real Postgres, a scripted fake provider (wiremock).
+//! Each test gets its own database and its own exchange/queue prefix (see `support`).
+
+mod skeleton;
+mod support;

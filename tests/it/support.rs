@@ -1,0 +1,409 @@
+//! The test harness: an isolated installation of the service, in process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use copilot_workers::broker::{self, Outgoing, Publisher, Topology};
+use copilot_workers::config::{Settings, SettingsArgs};
+use copilot_workers::crypto::KeyRing;
+use copilot_workers::events::ResultEvent;
+use copilot_workers::provider::Profile;
+use copilot_workers::store::Store;
+use copilot_workers::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
+use copilot_workers::workers::Catalog;
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// A unique name for this test process and call.
+pub fn unique(tag: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{tag}_{}_{n}_{nanos:x}", std::process::id())
+}
+
+/// What a test wants from its installation.
+pub struct Options {
+    pub workers: Vec<&'static str>,
+    pub workers_dir: std::path::PathBuf,
+    pub max_attempts: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            workers: vec!["summarize"],
+            workers_dir: "workers".into(),
+            max_attempts: 3,
+        }
+    }
+}
+
+pub struct Harness {
+    #[allow(dead_code)]
+    pub settings: Settings,
+    pub keys: Arc<KeyRing>,
+    pub store: Store,
+    pub topology: Topology,
+    pub http_addr: std::net::SocketAddr,
+    pub worker_names: Vec<String>,
+    database: String,
+    shutdown: CancellationToken,
+    service: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    connection: lapin::Connection,
+    publisher: Publisher,
+    results: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Harness {
+        let id = unique("cwit");
+        let database = id.clone();
+        let args = SettingsArgs {
+            amqp_url: Some(AMQP_URL.into()),
+            database_url: Some(format!("{PG_SERVER}/{database}")),
+            http_addr: Some("127.0.0.1:0".parse().unwrap()),
+            topology_prefix: Some(format!("{id}.")),
+            prefetch: Some(50),
+            delivery_limit: Some(5),
+            workers_dir: Some(options.workers_dir.clone()),
+            schemas_dir: Some("schemas".into()),
+            allow_loopback_providers: Some(true),
+            provider_timeout_secs: Some(5),
+            provider_max_attempts: Some(options.max_attempts),
+            shutdown_grace_secs: Some(5),
+            ..Default::default()
+        };
+        let settings = args.resolve().expect("test settings");
+        copilot_workers::store::migrations::migrate(&settings.database_url)
+            .await
+            .expect("migrate test database");
+        let store = Store::connect(&settings.database_url, 4).unwrap();
+        let keys = Arc::new(KeyRing::generate().unwrap());
+        let names: Vec<String> = options.workers.iter().map(|w| w.to_string()).collect();
+        let catalog = Catalog::load(&settings.workers_dir, &settings.schemas_dir)
+            .unwrap()
+            .select(&names)
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let service = {
+            let settings = settings.clone();
+            let keys = keys.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                copilot_workers::service::run(&settings, keys, catalog, shutdown, Some(started_tx))
+                    .await
+            })
+        };
+        let started = match started_rx.await {
+            Ok(started) => started,
+            Err(_) => panic!("service did not start: {:?}", service.await),
+        };
+        let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
+        let connection = broker::connect(AMQP_URL, "copilot-workers tests")
+            .await
+            .unwrap();
+        let publisher = Publisher::new(&connection).await.unwrap();
+        let results = listen(&connection, &topology.results_exchange()).await;
+        Harness {
+            settings,
+            keys,
+            store,
+            topology,
+            http_addr: started.http_addr,
+            worker_names: names,
+            database,
+            shutdown,
+            service: Some(service),
+            connection,
+            publisher,
+            results,
+        }
+    }
+
+    /// Stores a provider config for `org` pointing at `base_url` with `key`.
+    pub async fn set_org(&self, org: &str, base_url: &str, key: &str) {
+        self.set_config(org_config(
+            &self.keys,
+            org,
+            Profile::Openai,
+            base_url,
+            Some(key),
+        ))
+        .await;
+    }
+
+    pub async fn set_config(&self, config: ProviderConfig) {
+        self.store.put_provider_config(&config).await.unwrap();
+    }
+
+    /// Publishes a ticket event (JSON) with its type as routing key.
+    pub async fn publish(&self, event: &Value) {
+        let kind = event["type"]
+            .as_str()
+            .unwrap_or("ticket.created")
+            .to_owned();
+        self.publish_raw(
+            event.to_string().as_bytes(),
+            &kind,
+            Some("application/cloudevents+json"),
+        )
+        .await;
+    }
+
+    pub async fn publish_raw(&self, body: &[u8], routing_key: &str, content_type: Option<&str>) {
+        let exchange = self.topology.events_exchange();
+        let mut message = Outgoing::new(&exchange, routing_key, body);
+        message.content_type = content_type.unwrap_or("application/cloudevents+json");
+        self.publisher
+            .publish(&message)
+            .await
+            .expect("publish test event");
+    }
+
+    /// The next result event, or `None` after `wait`.
+    pub async fn next_result(&mut self, wait: Duration) -> Option<(ResultEvent, Delivery)> {
+        let delivery = tokio::time::timeout(wait, self.results.recv())
+            .await
+            .ok()??;
+        let result = serde_json::from_slice(&delivery.data).expect("result is a ResultEvent");
+        Some((result, delivery))
+    }
+
+    /// Exactly `n` results within `wait` (panics otherwise).
+    pub async fn results(&mut self, n: usize, wait: Duration) -> Vec<ResultEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut results = Vec::new();
+        while results.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_result(left).await {
+                Some((result, _)) => results.push(result),
+                None => panic!(
+                    "only {} of {n} results arrived: {results:#?}",
+                    results.len()
+                ),
+            }
+        }
+        results
+    }
+
+    /// Takes every message currently in the dead-letter queue.
+    pub async fn dead_letters(&self) -> Vec<Delivery> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.topology.dead_letter_queue().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            out.push(message.delivery);
+        }
+        out
+    }
+
+    /// Collects dead letters until there are `n`, for at most `wait`.
+    pub async fn wait_dead_letters(&self, n: usize, wait: Duration) -> Vec<Delivery> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut dead = Vec::new();
+        while dead.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} dead letters",
+                dead.len()
+            );
+            dead.extend(self.dead_letters().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        dead
+    }
+
+    /// Messages ready in a queue (not counting unacked ones).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        declared.message_count()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.http_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one counter line (`name{labels}`), 0 when absent.
+    pub async fn counter(&self, name_and_labels: &str) -> f64 {
+        metric_value(&self.metrics().await, name_and_labels)
+    }
+
+    /// Waits until `check` holds, polling every 50 ms, for at most `wait`.
+    pub async fn eventually<F, Fut>(&self, wait: Duration, what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + wait;
+        while !check().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the service (draining), so that anything unacked goes back to its queue.
+    pub async fn stop_service(&mut self) {
+        self.shutdown.cancel();
+        if let Some(service) = self.service.take() {
+            service.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops the service and removes the test's queues, exchanges and database.
+    pub async fn finish(mut self) {
+        self.stop_service().await;
+        let names: Vec<&str> = self.worker_names.iter().map(String::as_str).collect();
+        let _ = self.topology.delete(self.publisher.channel(), &names).await;
+        let _ = self.connection.close(200, "test done".into()).await;
+        drop_database(&self.database).await;
+    }
+}
+
+/// Drops a test database, even with connections left.
+pub async fn drop_database(name: &str) {
+    if let Ok((client, connection)) =
+        tokio_postgres::connect(&format!("{PG_SERVER}/postgres"), tokio_postgres::NoTls).await
+    {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+}
+
+async fn listen(
+    connection: &lapin::Connection,
+    exchange: &str,
+) -> mpsc::UnboundedReceiver<Delivery> {
+    let (channel, mut consumer) = broker::tap(connection, exchange).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _channel = channel;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            if tx.send(delivery).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A provider config for tests.
+pub fn org_config(
+    keys: &KeyRing,
+    org: &str,
+    profile: Profile,
+    base_url: &str,
+    key: Option<&str>,
+) -> ProviderConfig {
+    ProviderConfig {
+        org_id: org.to_owned(),
+        profile,
+        base_url: base_url.to_owned(),
+        model: "test-model".to_owned(),
+        api_key: key.map(|key| keys.seal(org, &SecretString::from(key)).unwrap()),
+        params: ModelParams::default(),
+        enabled_workers: None,
+        worker_models: Default::default(),
+        context: OrgContext::default(),
+        max_concurrency: None,
+        enabled: true,
+        health: Health::default(),
+    }
+}
+
+/// A ticket event for `org`.
+pub fn ticket_event(id: &str, org: &str, kind: &str) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "source": "helpdesk://tests", "type": kind,
+        "time": "2026-12-04T10:00:00Z", "datacontenttype": "application/json",
+        "data": {"org_id": org, "ticket": {
+            "id": format!("T-{id}"), "subject": "Cannot log in", "status": "open", "priority": "normal",
+            "channel": "email", "tags": ["login"],
+            "requester": {"name": "Ada", "email": "ada@example.com"},
+            "messages": [{"id": "m1", "author_role": "customer", "body": format!("Login fails with error 500 ({id}).")}]
+        }}
+    })
+}
+
+/// A chat completion whose content is `output` serialized.
+pub fn completion(output: &Value) -> Value {
+    json!({
+        "id": "chatcmpl-test", "object": "chat.completion", "model": "test-model",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": output.to_string()}}],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 40}
+    })
+}
+
+pub fn summary_output(text: &str) -> Value {
+    json!({"summary": text, "key_points": ["login fails"], "open_questions": []})
+}
+
+/// A header of a delivery as text.
+pub fn header(delivery: &Delivery, name: &str) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Reads one sample's value from a Prometheus text page.
+pub fn metric_value(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name_and_labels).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
