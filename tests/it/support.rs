@@ -14,9 +14,7 @@ use copilot_workers::store::configs::{Health, ModelParams, OrgContext, ProviderC
 use copilot_workers::workers::Catalog;
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
 use serde_json::{Value, json};
