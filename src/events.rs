@@ -253,7 +253,11 @@ pub struct ResultData {
     pub output: Option<Value>,
     pub usage: Usage,
     pub latency_ms: u64,
+    /// Provider attempts of the final call (retries included).
     pub attempts: u32,
+    /// Corrective re-asks after an output that did not validate (0 or 1).
+    #[serde(default)]
+    pub reasks: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ResultError>,
 }

@@ -35,6 +35,13 @@ pub enum OrgCommand {
     Disable { org: String },
     /// Send one tiny request with the org's config and record the outcome.
     Test { org: String },
+    /// Provider usage per day, worker and model.
+    Usage {
+        org: String,
+        /// First day to include (YYYY-MM-DD); default: 30 days ago.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +140,7 @@ pub async fn run(settings: &Settings, command: OrgCommand) -> anyhow::Result<()>
         OrgCommand::Enable { org } => toggle(&store, &org, true).await,
         OrgCommand::Disable { org } => toggle(&store, &org, false).await,
         OrgCommand::Test { org } => test(settings, &store, &org).await,
+        OrgCommand::Usage { org, since } => usage(&store, &org, since).await,
     }
 }
 
@@ -349,4 +357,39 @@ async fn test(settings: &Settings, store: &Store, org: &str) -> anyhow::Result<(
             bail!("{org}: {message} [{}]", err.class().as_str())
         }
     }
+}
+
+async fn usage(store: &Store, org: &str, since: Option<String>) -> anyhow::Result<()> {
+    let since = match since {
+        Some(day) => {
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            time::Date::parse(&day, &format)
+                .with_context(|| format!("--since {day:?} is not a YYYY-MM-DD date"))?;
+            day
+        }
+        None => {
+            let day = time::OffsetDateTime::now_utc().date() - time::Duration::days(30);
+            day.to_string()
+        }
+    };
+    let rows = store.usage(org, &since).await?;
+    println!(
+        "{:<10}  {:<14} {:<28} {:>9} {:>14} {:>17}",
+        "DAY", "WORKER", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS"
+    );
+    let (mut requests, mut prompt, mut completion) = (0, 0, 0);
+    for row in &rows {
+        println!(
+            "{:<10}  {:<14} {:<28} {:>9} {:>14} {:>17}",
+            row.day, row.worker, row.model, row.requests, row.prompt_tokens, row.completion_tokens
+        );
+        requests += row.requests;
+        prompt += row.prompt_tokens;
+        completion += row.completion_tokens;
+    }
+    println!(
+        "{:<10}  {:<14} {:<28} {:>9} {:>14} {:>17}",
+        "total", "", "", requests, prompt, completion
+    );
+    Ok(())
 }

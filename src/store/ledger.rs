@@ -25,7 +25,51 @@ pub struct LedgerEntry {
     pub result: Value,
 }
 
+/// Provider usage of one run, added to the org's daily totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// One row of `org usage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub day: String,
+    pub worker: String,
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
 impl Store {
+    /// Usage of `org_id` since `since` (`YYYY-MM-DD`, inclusive), newest day first.
+    pub async fn usage(&self, org_id: &str, since: &str) -> Result<Vec<UsageRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT to_char(day, 'YYYY-MM-DD'), worker, model, requests, prompt_tokens, \
+                 completion_tokens FROM usage_daily WHERE org_id = $1 AND day >= $2::text::date \
+                 ORDER BY day DESC, worker, model",
+                &[&org_id, &since],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| UsageRow {
+                day: row.get(0),
+                worker: row.get(1),
+                model: row.get(2),
+                requests: row.get(3),
+                prompt_tokens: row.get(4),
+                completion_tokens: row.get(5),
+            })
+            .collect())
+    }
+
     /// The recorded result for (event, worker), if any.
     pub async fn ledger_entry(
         &self,
@@ -57,18 +101,25 @@ impl Store {
     }
 
     /// Records a decided result unless one is already there, and returns the one that stands.
-    pub async fn record_result(&self, entry: &LedgerEntry) -> Result<LedgerEntry, StoreError> {
-        let client = self.client().await?;
-        let statement = client
+    /// The run's provider usage is added to `usage_daily` in the same transaction, and only
+    /// when this call inserted the row, so a run is counted once.
+    pub async fn record_result(
+        &self,
+        entry: &LedgerEntry,
+        usage: &UsageRecord,
+    ) -> Result<LedgerEntry, StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        let insert = transaction
             .prepare_cached(
                 "INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
                  outcome, input_hash, result) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (event_id, worker) DO NOTHING",
             )
             .await?;
-        let inserted = client
+        let inserted = transaction
             .execute(
-                &statement,
+                &insert,
                 &[
                     &entry.event_id,
                     &entry.worker,
@@ -81,6 +132,32 @@ impl Store {
                 ],
             )
             .await?;
+        if inserted == 1 && usage.requests > 0 {
+            let upsert = transaction
+                .prepare_cached(
+                    "INSERT INTO usage_daily (org_id, day, worker, model, requests, prompt_tokens, \
+                     completion_tokens) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (org_id, day, worker, model) DO UPDATE SET \
+                     requests = usage_daily.requests + EXCLUDED.requests, \
+                     prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, \
+                     completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens",
+                )
+                .await?;
+            transaction
+                .execute(
+                    &upsert,
+                    &[
+                        &entry.org_id,
+                        &entry.worker,
+                        &usage.model,
+                        &usage.requests,
+                        &usage.prompt_tokens,
+                        &usage.completion_tokens,
+                    ],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
         drop(client);
         if inserted == 1 {
             return Ok(entry.clone());

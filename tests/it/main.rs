@@ -3,3 +3,4 @@
 
 mod skeleton;
 mod support;
+mod workers;

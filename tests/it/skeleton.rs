@@ -9,7 +9,7 @@ use crate::support::{self, Harness, completion, summary_output, ticket_event};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn provider_for(key: &str, output: &serde_json::Value) -> MockServer {
+pub async fn provider_for(key: &str, output: &serde_json::Value) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))

@@ -39,6 +39,7 @@ pub fn unique(tag: &str) -> String {
 pub struct Options {
     pub workers: Vec<&'static str>,
     pub workers_dir: std::path::PathBuf,
+    pub schemas_dir: std::path::PathBuf,
     pub max_attempts: u32,
 }
 
@@ -47,6 +48,7 @@ impl Default for Options {
         Options {
             workers: vec!["summarize"],
             workers_dir: "workers".into(),
+            schemas_dir: "schemas".into(),
             max_attempts: 3,
         }
     }
@@ -73,6 +75,15 @@ impl Harness {
         Harness::with(Options::default()).await
     }
 
+    /// A harness running only `workers`.
+    pub async fn workers(workers: &[&'static str]) -> Harness {
+        Harness::with(Options {
+            workers: workers.to_vec(),
+            ..Options::default()
+        })
+        .await
+    }
+
     pub async fn with(options: Options) -> Harness {
         let id = unique("cwit");
         let database = id.clone();
@@ -84,7 +95,7 @@ impl Harness {
             prefetch: Some(50),
             delivery_limit: Some(5),
             workers_dir: Some(options.workers_dir.clone()),
-            schemas_dir: Some("schemas".into()),
+            schemas_dir: Some(options.schemas_dir.clone()),
             allow_loopback_providers: Some(true),
             provider_timeout_secs: Some(5),
             provider_max_attempts: Some(options.max_attempts),

@@ -1,0 +1,189 @@
+//! What goes back to the broker: confirmed results, dead letters, parked events, and acks.
+//! Each publishes first and acks only once the broker confirmed; on failure the delivery
+//! stays unacked and comes back.
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::Pipeline;
+use crate::broker::{Outgoing, PublishError, Topology};
+use crate::events;
+use crate::store::ledger::LedgerEntry;
+use crate::telemetry as m;
+use crate::workers::Worker;
+
+/// Header carrying attempts already spent on a parked event.
+pub const ATTEMPTS_HEADER: &str = "x-copilot-attempts";
+/// Header naming why a delivery was dead-lettered.
+pub const REASON_HEADER: &str = "x-copilot-reason";
+
+impl Pipeline {
+    /// Publishes a recorded result; false when it could not be confirmed (not acked then).
+    pub(super) async fn publish_result(&self, delivery: &Delivery, entry: &LedgerEntry) -> bool {
+        let body = serde_json::to_vec(&entry.result).unwrap_or_default();
+        let routing_key = if entry.outcome == "completed" {
+            format!("ticket.enriched.{}", entry.worker)
+        } else {
+            format!("ticket.enrichment_failed.{}", entry.worker)
+        };
+        let exchange = self.topology.results_exchange();
+        let mut message = Outgoing::new(&exchange, &routing_key, &body);
+        message.content_type = events::CLOUDEVENTS_JSON;
+        message.message_id = Some(&entry.result_id);
+        if let Some(traceparent) = traceparent(delivery) {
+            message = message.header("traceparent", &traceparent);
+        }
+        match self.publisher.publish(&message).await {
+            Ok(()) => {
+                metrics::counter!(m::RESULTS_PUBLISHED, "worker" => entry.worker.clone(),
+                    "outcome" => entry.outcome.clone())
+                .increment(1);
+                true
+            }
+            Err(err) => {
+                log_publish_failure(&err, "result");
+                false
+            }
+        }
+    }
+
+    pub(super) async fn skip(&self, worker: &Worker, delivery: &Delivery, reason: &'static str) {
+        metrics::counter!(m::EVENTS_SKIPPED, "worker" => worker.name().to_owned(), "reason" => reason)
+            .increment(1);
+        self.ack(worker, delivery).await;
+    }
+
+    /// Sends the delivery, unchanged, to the dead-letter exchange with its reason; acks once
+    /// the broker confirmed it.
+    pub(super) async fn dead_letter(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        reason: &'static str,
+        detail: &str,
+    ) {
+        let exchange = self.topology.dead_letter_exchange();
+        let routing_key = format!("{}.{reason}", worker.name());
+        let detail: String = detail.chars().take(300).collect();
+        let content_type = content_type(delivery);
+        let mut message = Outgoing::new(&exchange, &routing_key, &delivery.data)
+            .header(REASON_HEADER, reason)
+            .header("x-copilot-error", &detail)
+            .header("x-copilot-worker", worker.name())
+            .header("x-original-routing-key", delivery.routing_key.as_str());
+        message.content_type = content_type
+            .as_deref()
+            .unwrap_or("application/octet-stream");
+        match self.publisher.publish(&message).await {
+            Ok(()) => {
+                metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.name().to_owned(),
+                    "reason" => reason)
+                .increment(1);
+                self.ack(worker, delivery).await;
+            }
+            Err(err) => log_publish_failure(&err, "dead letter"),
+        }
+    }
+
+    /// Parks the delivery in the delay queue whose TTL covers `delay`, then acks it.
+    pub(super) async fn park(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        delay: Duration,
+        attempts: u32,
+    ) {
+        let step = Topology::delay_step(delay);
+        let queue = self.topology.delay_queue(worker.name(), step);
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        let content_type = content_type(delivery);
+        let mut message = Outgoing::new("", &queue, &delivery.data);
+        message.headers = headers;
+        message.content_type = content_type.as_deref().unwrap_or(events::CLOUDEVENTS_JSON);
+        match self.publisher.publish(&message).await {
+            Ok(()) => {
+                tracing::info!(
+                    ?delay,
+                    step_secs = step,
+                    attempts,
+                    "provider asked for a long wait; event parked"
+                );
+                metrics::counter!(m::EVENTS_PARKED, "worker" => worker.name().to_owned())
+                    .increment(1);
+                self.ack(worker, delivery).await;
+            }
+            Err(err) => log_publish_failure(&err, "parked event"),
+        }
+    }
+
+    /// Acks; a `false` from lapin (the channel was recovered) is counted, not ignored.
+    pub(super) async fn ack(&self, worker: &Worker, delivery: &Delivery) {
+        match delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
+                tracing::info!(
+                    "ack not taken (channel recovered); the delivery will come back and the ledger will answer it"
+                );
+            }
+            Err(err) => {
+                metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
+                tracing::warn!(error = %err, "ack failed; the delivery will come back");
+            }
+        }
+    }
+}
+
+fn log_publish_failure(err: &PublishError, what: &str) {
+    tracing::warn!(error = %err, "could not publish the {what}; the delivery stays unacked and will come back");
+}
+
+/// The delivery's `content_type` property.
+pub(super) fn content_type(delivery: &Delivery) -> Option<String> {
+    delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|ct| ct.as_str().to_owned())
+}
+
+fn header(delivery: &Delivery, name: &str) -> Option<AMQPValue> {
+    let headers: &FieldTable = delivery.properties.headers().as_ref()?;
+    headers.inner().get(name).cloned()
+}
+
+/// A well-formed W3C `traceparent` header, if the input carries one.
+pub(super) fn traceparent(delivery: &Delivery) -> Option<String> {
+    let text = match header(delivery, "traceparent")? {
+        AMQPValue::LongString(text) => String::from_utf8(text.as_bytes().to_vec()).ok()?,
+        AMQPValue::ShortString(text) => text.as_str().to_owned(),
+        _ => return None,
+    };
+    let parts: Vec<&str> = text.split('-').collect();
+    let shape = [2, 32, 16, 2];
+    let valid = parts.len() == 4
+        && parts.iter().zip(shape).all(|(part, len)| {
+            part.len() == len
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        });
+    valid.then_some(text)
+}
+
+/// Attempts spent before the event was parked.
+pub(super) fn attempts_header(delivery: &Delivery) -> u32 {
+    let value = match header(delivery, ATTEMPTS_HEADER) {
+        Some(AMQPValue::LongLongInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => i64::from(n),
+        _ => 0,
+    };
+    u32::try_from(value).unwrap_or(0)
+}

@@ -1,0 +1,303 @@
+//! One delivery's trip: parse → ledger → config → prompt → run → record → publish → ack.
+//!
+//! The order is what keeps the promises: no provider call without the org's own enabled
+//! config; the result is recorded in the ledger before it is published, and the delivery is
+//! acked only after the broker confirmed the result. A redelivery finds the ledger row and
+//! republishes the same result without calling the provider again.
+//!
+//! `run.rs` is the provider part (retries, the corrective re-ask); `deliver.rs` is what goes
+//! back to the broker (results, dead letters, parked events, acks).
+
+mod deliver;
+mod run;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use deliver::{ATTEMPTS_HEADER, REASON_HEADER};
+use run::{Run, Spent};
+
+use crate::broker::{Publisher, Topology};
+use crate::crypto::KeyRing;
+use crate::events::{self, ResultData, ResultError, ResultEvent, TicketEvent};
+use crate::provider::retry::{self, RetryPolicy};
+use crate::provider::{ErrorClass, ProviderClient, ProviderTarget};
+use crate::store::configs::ProviderConfig;
+use crate::store::ledger::{LedgerEntry, UsageRecord};
+use crate::store::{Store, StoreError};
+use crate::telemetry as m;
+use crate::workers::Worker;
+
+/// Everything a delivery needs, shared by all tasks.
+pub struct Pipeline {
+    pub store: Store,
+    pub keys: Arc<KeyRing>,
+    pub provider: ProviderClient,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub max_event_bytes: usize,
+    pub retry: RetryPolicy,
+    pub provider_timeout: Duration,
+    /// Fires when the shutdown grace period is over: waits give up and leave the delivery
+    /// unacked, so the broker hands it to another consumer.
+    pub abandon: CancellationToken,
+}
+
+impl Pipeline {
+    /// Handles one delivery for `worker`. Never panics; every path acks, dead-letters, parks,
+    /// or (on shutdown or an outage) leaves the delivery for the broker to hand back.
+    pub async fn handle(self: Arc<Self>, worker: Arc<Worker>, delivery: Delivery) {
+        let started = Instant::now();
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).increment(1.0);
+        let content_type = deliver::content_type(&delivery);
+        match events::parse_event(
+            &delivery.data,
+            content_type.as_deref(),
+            self.max_event_bytes,
+        ) {
+            Err(bad) => {
+                tracing::warn!(worker = worker.name(), reason = bad.reason(), error = %bad, "dead-lettering bad input");
+                self.dead_letter(&worker, &delivery, bad.reason(), &bad.to_string())
+                    .await;
+            }
+            Ok(event) => {
+                let span = tracing::info_span!("event", event_id = %event.id,
+                    org_id = %event.data.org_id, ticket_id = %event.data.ticket.id,
+                    worker = worker.name());
+                metrics::counter!(m::EVENTS_RECEIVED, "worker" => worker.name().to_owned(),
+                    "type" => event.kind.as_str())
+                .increment(1);
+                self.process(&worker, &delivery, &event, started)
+                    .instrument(span)
+                    .await;
+            }
+        }
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).decrement(1.0);
+    }
+
+    async fn process(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        event: &TicketEvent,
+        started: Instant,
+    ) {
+        let org_id = event.data.org_id.as_str();
+        if !worker.handles(event.kind) {
+            return self.skip(worker, delivery, "not_subscribed").await;
+        }
+        let Some(recorded) = self
+            .db(|| self.store.ledger_entry(&event.id, worker.name()))
+            .await
+        else {
+            return;
+        };
+        if let Some(entry) = recorded {
+            tracing::info!("already decided; republishing the recorded result");
+            if self.publish_result(delivery, &entry).await {
+                self.skip(worker, delivery, "duplicate").await;
+            }
+            return;
+        }
+        let Some(config) = self.db(|| self.store.provider_config(org_id)).await else {
+            return;
+        };
+        let Some(config) = config else {
+            tracing::info!("org has no provider config; skipped, no request made");
+            return self.skip(worker, delivery, "no_config").await;
+        };
+        if !config.enabled {
+            return self.skip(worker, delivery, "disabled").await;
+        }
+        if !config.runs(worker.name()) {
+            return self.skip(worker, delivery, "worker_disabled").await;
+        }
+        let model = config.model_for(worker.name()).to_owned();
+        let mode = config.profile.structured_mode();
+        let prepared = match worker.prepare(
+            &event.data.ticket,
+            event.kind,
+            &config.context,
+            mode,
+            &model,
+        ) {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                tracing::error!(error = %err, "worker prompt failed to render");
+                return self
+                    .dead_letter(worker, delivery, "render_failed", &err.to_string())
+                    .await;
+            }
+        };
+        if prepared.trim.omitted_messages > 0 || prepared.trim.shortened_messages > 0 {
+            tracing::info!(
+                omitted = prepared.trim.omitted_messages,
+                shortened = prepared.trim.shortened_messages,
+                "ticket trimmed to the token budget"
+            );
+        }
+        let ticket_id = event.data.ticket.id.as_str();
+        let Some(last) = self
+            .db(|| {
+                self.store
+                    .last_completed_input_hash(org_id, ticket_id, worker.name())
+            })
+            .await
+        else {
+            return;
+        };
+        if last.as_deref() == Some(prepared.input_hash.as_str()) {
+            tracing::info!("ticket content unchanged since the last run; skipped");
+            return self.skip(worker, delivery, "unchanged").await;
+        }
+
+        let mut spent = Spent::new(&model, deliver::attempts_header(delivery));
+        let run = match self.key_for(&config) {
+            Ok(api_key) => {
+                let target = ProviderTarget {
+                    profile: config.profile,
+                    base_url: config.base_url.clone(),
+                    api_key,
+                    model,
+                    timeout: config
+                        .params
+                        .timeout_secs
+                        .map_or(self.provider_timeout, Duration::from_secs),
+                    api_version: config.params.api_version.clone(),
+                };
+                self.run_provider(worker, &config, &target, &prepared, &mut spent)
+                    .await
+            }
+            Err(class) => Run::Failed {
+                class,
+                message:
+                    "the org's stored API key cannot be decrypted with the configured master keys"
+                        .into(),
+            },
+        };
+        spent.record_tokens(worker.name());
+        let (output, error) = match run {
+            Run::Park { delay } => return self.park(worker, delivery, delay, spent.attempts).await,
+            Run::Completed(output) => (Some(output), None),
+            Run::Failed { class, message } => {
+                tracing::warn!(class = class.as_str(), %message, attempts = spent.attempts, "worker failed");
+                if class.is_config_problem() {
+                    let _ = self
+                        .db(|| self.store.record_provider_failure(org_id, &message, true))
+                        .await;
+                }
+                (None, Some((class, message)))
+            }
+        };
+        let exhausted = matches!(error, Some((ErrorClass::RetriesExhausted, _)));
+        let data = ResultData {
+            org_id: org_id.to_owned(),
+            ticket_id: ticket_id.to_owned(),
+            worker: worker.name().to_owned(),
+            source_event_id: event.id.clone(),
+            source_event_type: event.kind,
+            model: spent.model.clone(),
+            output,
+            usage: spent.usage,
+            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            attempts: spent.attempts,
+            reasks: spent.reasks,
+            error: error.map(|(class, message)| ResultError {
+                class: class.as_str().to_owned(),
+                message,
+            }),
+        };
+        let result = ResultEvent::new(data, events::now_rfc3339());
+        let entry = LedgerEntry {
+            event_id: event.id.clone(),
+            worker: worker.name().to_owned(),
+            org_id: org_id.to_owned(),
+            ticket_id: ticket_id.to_owned(),
+            result_id: result.id.clone(),
+            outcome: if result.is_completed() {
+                "completed"
+            } else {
+                "failed"
+            }
+            .to_owned(),
+            input_hash: Some(prepared.input_hash.clone()),
+            result: serde_json::to_value(&result).unwrap_or_default(),
+        };
+        let usage = spent.usage_record();
+        let Some(standing) = self.db(|| self.store.record_result(&entry, &usage)).await else {
+            return;
+        };
+        if !self.publish_result(delivery, &standing).await {
+            return;
+        }
+        if exhausted {
+            let detail = "transient provider errors outlasted every attempt";
+            self.dead_letter(worker, delivery, "retries_exhausted", detail)
+                .await;
+        } else {
+            self.ack(worker, delivery).await;
+        }
+        let overhead = started.elapsed().saturating_sub(spent.provider_time);
+        metrics::histogram!(m::WORKER_OVERHEAD, "worker" => worker.name().to_owned())
+            .record(overhead.as_secs_f64());
+    }
+
+    fn key_for(&self, config: &ProviderConfig) -> Result<Option<SecretString>, ErrorClass> {
+        match &config.api_key {
+            None => Ok(None),
+            Some(sealed) => self
+                .keys
+                .open(&config.org_id, sealed)
+                .map(Some)
+                .map_err(|err| {
+                    tracing::error!(error = %err, "cannot open the org's API key");
+                    ErrorClass::ConfigInvalid
+                }),
+        }
+    }
+
+    /// Retries a database step through an outage, holding the delivery (so consumption
+    /// stops once prefetch is used up instead of spinning nacks). `None` means give up and
+    /// leave the delivery unacked: shutdown, or a row this version cannot read.
+    async fn db<T, F, Fut>(&self, op: F) -> Option<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut waits = retry::outage_backoff();
+        loop {
+            match op().await {
+                Ok(value) => return Some(value),
+                Err(StoreError::Invalid(reason)) => {
+                    tracing::error!(%reason, "unreadable row; leaving the delivery to the broker");
+                    return None;
+                }
+                Err(err) => {
+                    let wait = waits.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %err, ?wait, "database unavailable; holding the delivery");
+                    tokio::select! {
+                        () = self.abandon.cancelled() => return None,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Spent {
+    fn usage_record(&self) -> UsageRecord {
+        UsageRecord {
+            model: self.model.clone(),
+            requests: i64::from(self.requests),
+            prompt_tokens: i64::try_from(self.usage.prompt_tokens).unwrap_or(i64::MAX),
+            completion_tokens: i64::try_from(self.usage.completion_tokens).unwrap_or(i64::MAX),
+        }
+    }
+}
