@@ -5,6 +5,7 @@
 //! [`workers`] (the prompt) → [`provider`] (the call) → [`pipeline`] (publish, record, ack).
 //! [`service`] wires them up; [`cli`] is the command line.
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -17,6 +17,7 @@ use crate::pipeline::Pipeline;
 use crate::provider::ProviderClient;
 use crate::provider::retry::RetryPolicy;
 use crate::store::Store;
+use crate::store::cache::ConfigCache;
 use crate::telemetry::{self, Readiness};
 use crate::workers::Catalog;
 
@@ -81,11 +82,28 @@ pub async fn run(
         .await
         .context("cannot declare the RabbitMQ topology")?;
 
+    let provider = ProviderClient::new(settings.endpoint_policy)?;
+    let admin = match &settings.admin_token {
+        Some(token) => {
+            tracing::info!("admin API enabled under /v1");
+            crate::admin::router(store.clone(), keys.clone(), provider.clone(), token)
+        }
+        None => axum::Router::new(),
+    };
     let abandon = CancellationToken::new();
+    let background = CancellationToken::new();
+    // Stops the config listener however this function returns.
+    let _background_guard = background.clone().drop_guard();
+    let configs = ConfigCache::start(
+        store.clone(),
+        settings.database_url.clone(),
+        background.clone(),
+    );
     let pipeline = Arc::new(Pipeline {
         store: store.clone(),
+        configs,
         keys,
-        provider: ProviderClient::new(settings.endpoint_policy)?,
+        provider,
         publisher,
         topology: topology.clone(),
         max_event_bytes: settings.max_event_bytes,
@@ -112,7 +130,7 @@ pub async fn run(
         listener,
         metrics,
         readiness,
-        axum::Router::new(),
+        admin,
         http_shutdown.clone(),
     ));
     tracing::info!(%http_addr, "listening for /metrics, /healthz, /readyz");

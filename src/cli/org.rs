@@ -6,18 +6,16 @@
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::Settings;
-use crate::crypto::{self, KeyRing};
-use crate::provider::{
-    ChatMessage, ChatRequest, Profile, ProviderClient, ProviderTarget, ResponseFormat,
-};
+use crate::admin::{self, ConfigInput, ConfigView, FieldProblem};
+use crate::crypto::KeyRing;
+use crate::provider::{Profile, ProviderClient};
 use crate::store::Store;
-use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
+use crate::store::configs::{ModelParams, OrgContext, ProviderConfig};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum OrgCommand {
@@ -187,95 +185,92 @@ fn read_key(args: &SetArgs) -> anyhow::Result<Option<SecretString>> {
 async fn set(settings: &Settings, store: &Store, args: SetArgs) -> anyhow::Result<()> {
     let keys = KeyRing::from_env()?;
     let mut problems = Vec::new();
-    if let Err(err) = crate::provider::guard::check_url(&args.base_url, settings.endpoint_policy) {
-        problems.push(format!("--base-url: {err}"));
-    }
-    if args.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-        problems.push("--temperature must be between 0 and 2".to_owned());
-    }
     let mut worker_models = BTreeMap::new();
     for pair in &args.worker_models {
         match pair.split_once('=') {
-            Some((worker, model)) if !worker.is_empty() && !model.is_empty() => {
+            Some((worker, model)) => {
                 worker_models.insert(worker.to_owned(), model.to_owned());
             }
-            _ => problems.push(format!(
-                "--worker-model {pair:?} must look like worker=model"
+            None => problems.push(FieldProblem::new(
+                "--worker-model",
+                format!("{pair:?} must look like worker=model"),
             )),
         }
     }
-    let existing = store.provider_config(&args.org).await?;
-    let api_key = match read_key(&args)? {
-        Some(key) => Some(keys.seal(&args.org, &key)?),
-        None => existing.as_ref().and_then(|config| config.api_key.clone()),
-    };
-    if api_key.is_none() && args.provider.requires_key() {
-        problems.push(format!(
-            "profile {} needs an API key: use --api-key-stdin, --api-key-file or --api-key-env",
-            args.provider.as_str()
-        ));
-    }
-    if !problems.is_empty() {
-        bail!("invalid org config:\n  - {}", problems.join("\n  - "));
-    }
-    let config = ProviderConfig {
-        org_id: args.org.clone(),
-        profile: args.provider,
-        base_url: args.base_url,
-        model: args.model,
-        api_key,
+    let input = ConfigInput {
+        provider: args.provider,
+        base_url: args.base_url.clone(),
+        model: args.model.clone(),
+        api_key: read_key(&args)?,
         params: ModelParams {
             temperature: args.temperature,
             max_tokens: args.max_tokens,
             timeout_secs: args.timeout_secs,
-            api_version: args.api_version,
+            api_version: args.api_version.clone(),
         },
-        enabled_workers: (!args.workers.is_empty()).then_some(args.workers),
+        workers: (!args.workers.is_empty()).then(|| args.workers.clone()),
         worker_models,
         context: OrgContext {
-            categories: args.categories,
-            reply_tone: args.reply_tone,
-            reply_language: args.reply_language,
+            categories: args.categories.clone(),
+            reply_tone: args.reply_tone.clone(),
+            reply_language: args.reply_language.clone(),
         },
         max_concurrency: args.max_concurrency,
         enabled: !args.disabled,
-        health: Health::default(),
     };
-    store.put_provider_config(&config).await?;
-    print!("{}", describe(&config, &keys));
-    Ok(())
+    let existing = store.provider_config(&args.org).await?;
+    match input.into_config(
+        &args.org,
+        existing.as_ref(),
+        &keys,
+        settings.endpoint_policy,
+    ) {
+        Ok(config) if problems.is_empty() => {
+            store.put_provider_config(&config).await?;
+            print!("{}", describe(&config, &keys));
+            Ok(())
+        }
+        Ok(_) => bail!("invalid org config:\n  - {}", join(&problems)),
+        Err(more) => {
+            problems.extend(more);
+            bail!("invalid org config:\n  - {}", join(&problems))
+        }
+    }
+}
+
+fn join(problems: &[FieldProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n  - ")
 }
 
 /// A human description of a config; the key appears only as its last four characters.
 fn describe(config: &ProviderConfig, keys: &KeyRing) -> String {
-    let key = match &config.api_key {
-        None => "(none)".to_owned(),
-        Some(sealed) => match keys.open(&config.org_id, sealed) {
-            Ok(key) => format!("{} (master key {})", crypto::mask(&key), sealed.key_id),
-            Err(err) => format!("(cannot decrypt: {err})"),
-        },
-    };
+    let view = ConfigView::new(config, keys);
+    let key = view.api_key.as_ref().map_or("(none)".to_owned(), |key| {
+        format!("{} (master key {})", key.last4, key.key_id)
+    });
     let mut text = String::new();
     let mut line = |name: &str, value: String| text.push_str(&format!("{name:<16} {value}\n"));
-    line("org", config.org_id.clone());
-    line("provider", config.profile.as_str().to_owned());
-    line("base url", config.base_url.clone());
-    line("model", config.model.clone());
+    line("org", view.org_id.clone());
+    line("provider", view.provider.to_owned());
+    line("base url", view.base_url.clone());
+    line("model", view.model.clone());
     line("api key", key);
-    line("enabled", config.enabled.to_string());
-    line("healthy", config.health.healthy.to_string());
+    line("enabled", view.enabled.to_string());
+    line("healthy", view.health.healthy.to_string());
     line(
         "workers",
-        config
-            .enabled_workers
+        view.workers
             .as_ref()
             .map_or("all".to_owned(), |w| w.join(",")),
     );
-    if !config.worker_models.is_empty() {
+    if !view.worker_models.is_empty() {
         line(
             "worker models",
-            config
-                .worker_models
+            view.worker_models
                 .iter()
                 .map(|(w, m)| format!("{w}={m}"))
                 .collect::<Vec<_>>()
@@ -284,24 +279,24 @@ fn describe(config: &ProviderConfig, keys: &KeyRing) -> String {
     }
     line(
         "params",
-        serde_json::to_string(&config.params).unwrap_or_default(),
+        serde_json::to_string(&view.params).unwrap_or_default(),
     );
     line(
         "context",
-        serde_json::to_string(&config.context).unwrap_or_default(),
+        serde_json::to_string(&view.context).unwrap_or_default(),
     );
-    if let Some(cap) = config.max_concurrency {
+    if let Some(cap) = view.max_concurrency {
         line("max concurrency", cap.to_string());
     }
-    if let Some(at) = &config.health.last_success_at {
+    if let Some(at) = &view.health.last_success_at {
         line("last success", at.clone());
     }
-    if let Some(at) = &config.health.last_error_at {
+    if let Some(at) = &view.health.last_error_at {
         line(
             "last error",
             format!(
                 "{at}: {}",
-                config.health.last_error.clone().unwrap_or_default()
+                view.health.last_error.clone().unwrap_or_default()
             ),
         );
     }
@@ -314,48 +309,21 @@ async fn test(settings: &Settings, store: &Store, org: &str) -> anyhow::Result<(
         .provider_config(org)
         .await?
         .with_context(|| format!("org {org} has no provider config"))?;
-    let api_key = config
-        .api_key
-        .as_ref()
-        .map(|sealed| keys.open(org, sealed))
-        .transpose()?;
     let client = ProviderClient::new(settings.endpoint_policy)?;
-    let target = ProviderTarget {
-        profile: config.profile,
-        base_url: config.base_url.clone(),
-        api_key,
-        model: config.model.clone(),
-        timeout: config
-            .params
-            .timeout_secs
-            .map_or(Duration::from_secs(30), Duration::from_secs),
-        api_version: config.params.api_version.clone(),
-    };
-    let request = ChatRequest {
-        messages: vec![ChatMessage::new("user", "Reply with the single word: ok")],
-        temperature: None,
-        max_tokens: Some(5),
-        response_format: ResponseFormat::Text,
-    };
-    match client.chat(&target, &request).await {
-        Ok(reply) => {
-            store.record_provider_success(org).await?;
-            println!(
-                "ok: {} answered in {} ms ({} prompt + {} completion tokens)",
-                reply.model,
-                reply.latency.as_millis(),
-                reply.usage.prompt_tokens,
-                reply.usage.completion_tokens
-            );
-            Ok(())
-        }
-        Err(err) => {
-            let message = err.to_string();
-            store
-                .record_provider_failure(org, &message, err.class().is_config_problem())
-                .await?;
-            bail!("{org}: {message} [{}]", err.class().as_str())
-        }
+    let report = admin::test_org(store, &keys, &client, &config).await?;
+    if report.ok {
+        println!(
+            "ok: {} answered in {} ms",
+            report.model.unwrap_or_default(),
+            report.latency_ms.unwrap_or_default()
+        );
+        Ok(())
+    } else {
+        bail!(
+            "{org}: {} [{}]",
+            report.error.unwrap_or_default(),
+            report.error_class.unwrap_or("unknown")
+        )
     }
 }
 

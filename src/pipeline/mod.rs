@@ -28,6 +28,7 @@ use crate::crypto::KeyRing;
 use crate::events::{self, ResultData, ResultError, ResultEvent, TicketEvent};
 use crate::provider::retry::{self, RetryPolicy};
 use crate::provider::{ErrorClass, ProviderClient, ProviderTarget};
+use crate::store::cache::ConfigCache;
 use crate::store::configs::ProviderConfig;
 use crate::store::ledger::{LedgerEntry, UsageRecord};
 use crate::store::{Store, StoreError};
@@ -37,6 +38,8 @@ use crate::workers::Worker;
 /// Everything a delivery needs, shared by all tasks.
 pub struct Pipeline {
     pub store: Store,
+    /// Provider configs, cached and invalidated by Postgres notifications.
+    pub configs: Arc<ConfigCache>,
     pub keys: Arc<KeyRing>,
     pub provider: ProviderClient,
     pub publisher: Publisher,
@@ -105,7 +108,7 @@ impl Pipeline {
             }
             return;
         }
-        let Some(config) = self.db(|| self.store.provider_config(org_id)).await else {
+        let Some(config) = self.db(|| self.configs.get(org_id)).await else {
             return;
         };
         let Some(config) = config else {

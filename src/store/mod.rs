@@ -1,5 +1,6 @@
 //! Postgres: the connection pool, the schema migrations, provider configs and the ledger.
 
+pub mod cache;
 pub mod configs;
 pub mod ledger;
 pub mod migrations;

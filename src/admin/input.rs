@@ -1,0 +1,200 @@
+//! The provider config as an operator writes it (CLI flags or the admin API's JSON), and its
+//! validation into a stored [`ProviderConfig`]. Every problem names its field.
+
+use std::collections::BTreeMap;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::EndpointPolicy;
+use crate::crypto::KeyRing;
+use crate::provider::{Profile, guard};
+use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldProblem {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldProblem {
+    pub fn new(field: &str, message: impl Into<String>) -> FieldProblem {
+        FieldProblem {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// A config as submitted. The API key is optional on update: without one, the stored key
+/// is kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigInput {
+    pub provider: Profile,
+    pub base_url: String,
+    pub model: String,
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    #[serde(default)]
+    pub params: ModelParams,
+    /// Workers that run for this org; absent means all.
+    #[serde(default)]
+    pub workers: Option<Vec<String>>,
+    #[serde(default)]
+    pub worker_models: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: OrgContext,
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+/// Whether an org id is acceptable: 1–200 characters of `[A-Za-z0-9_.:-]`.
+pub fn valid_org_id(org: &str) -> bool {
+    !org.is_empty()
+        && org.len() <= 200
+        && org
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+}
+
+impl ConfigInput {
+    /// Validates and seals into the config to store. `existing` supplies the key when none is
+    /// given.
+    pub fn into_config(
+        self,
+        org: &str,
+        existing: Option<&ProviderConfig>,
+        keys: &KeyRing,
+        policy: EndpointPolicy,
+    ) -> Result<ProviderConfig, Vec<FieldProblem>> {
+        let mut problems = Vec::new();
+        if !valid_org_id(org) {
+            problems.push(FieldProblem::new(
+                "org",
+                "must be 1-200 characters of letters, digits, _ - . :",
+            ));
+        }
+        if let Err(err) = guard::check_url(&self.base_url, policy) {
+            problems.push(FieldProblem::new("base_url", err.to_string()));
+        }
+        if self.model.trim().is_empty() || self.model.len() > 200 {
+            problems.push(FieldProblem::new("model", "must be 1-200 characters"));
+        }
+        if self
+            .params
+            .temperature
+            .is_some_and(|t| !(0.0..=2.0).contains(&t))
+        {
+            problems.push(FieldProblem::new(
+                "params.temperature",
+                "must be between 0 and 2",
+            ));
+        }
+        if self.params.max_tokens == Some(0) {
+            problems.push(FieldProblem::new("params.max_tokens", "must be at least 1"));
+        }
+        if self.params.timeout_secs.is_some_and(|t| t == 0 || t > 600) {
+            problems.push(FieldProblem::new(
+                "params.timeout_secs",
+                "must be between 1 and 600",
+            ));
+        }
+        if self.provider == Profile::Azure && self.params.api_version.is_none() {
+            problems.push(FieldProblem::new(
+                "params.api_version",
+                "is required for the azure profile",
+            ));
+        }
+        if let Some(language) = &self.context.reply_language
+            && !(language.len() == 2 && language.chars().all(|c| c.is_ascii_lowercase()))
+        {
+            problems.push(FieldProblem::new(
+                "context.reply_language",
+                "must be an ISO 639-1 code such as \"en\"",
+            ));
+        }
+        if self.context.categories.len() > 100
+            || self
+                .context
+                .categories
+                .iter()
+                .any(|c| c.trim().is_empty() || c.len() > 100)
+        {
+            problems.push(FieldProblem::new(
+                "context.categories",
+                "at most 100 categories of 1-100 characters",
+            ));
+        }
+        if self
+            .max_concurrency
+            .is_some_and(|cap| cap == 0 || cap > 10_000)
+        {
+            problems.push(FieldProblem::new(
+                "max_concurrency",
+                "must be between 1 and 10000",
+            ));
+        }
+        for (worker, model) in &self.worker_models {
+            if worker.is_empty() || model.trim().is_empty() {
+                problems.push(FieldProblem::new(
+                    "worker_models",
+                    "entries must be worker = model",
+                ));
+            }
+        }
+        let api_key = match self
+            .api_key
+            .as_ref()
+            .filter(|key| !key.expose_secret().trim().is_empty())
+        {
+            Some(key) => match keys.seal(org, &SecretString::from(key.expose_secret().trim())) {
+                Ok(sealed) => Some(sealed),
+                Err(err) => {
+                    problems.push(FieldProblem::new("api_key", err.to_string()));
+                    None
+                }
+            },
+            None => existing.and_then(|config| config.api_key.clone()),
+        };
+        if api_key.is_none() && self.provider.requires_key() {
+            problems.push(FieldProblem::new(
+                "api_key",
+                format!("the {} profile needs an API key", self.provider.as_str()),
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(ProviderConfig {
+            org_id: org.to_owned(),
+            profile: self.provider,
+            base_url: self.base_url,
+            model: self.model,
+            api_key,
+            params: self.params,
+            enabled_workers: self.workers,
+            worker_models: self.worker_models,
+            context: self.context,
+            max_concurrency: self.max_concurrency,
+            enabled: self.enabled,
+            health: Health {
+                healthy: true,
+                ..Health::default()
+            },
+        })
+    }
+}

@@ -1,0 +1,410 @@
+//! Managing provider configs: the admin HTTP API (`/v1`, bearer token) and the operations it
+//! shares with the CLI (`org set/show/test`).
+//!
+//! The API is mounted only when `COPILOT_ADMIN_TOKEN` is set. No response ever contains an
+//! API key: a config is shown with its key masked to the last four characters.
+
+pub mod input;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::json;
+
+pub use input::{ConfigInput, FieldProblem};
+
+use crate::config::EndpointPolicy;
+use crate::crypto::{self, KeyRing};
+use crate::provider::{
+    ChatMessage, ChatRequest, ErrorClass, ProviderClient, ProviderTarget, ResponseFormat,
+};
+use crate::store::Store;
+use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
+
+/// How a config is shown to operators (CLI `--json` and the API): never the key.
+#[derive(Debug, Serialize)]
+pub struct ConfigView {
+    pub org_id: String,
+    pub provider: &'static str,
+    pub base_url: String,
+    pub model: String,
+    /// `…abcd` and the master key id, or null when there is no key.
+    pub api_key: Option<KeyView>,
+    pub params: ModelParams,
+    pub workers: Option<Vec<String>>,
+    pub worker_models: std::collections::BTreeMap<String, String>,
+    pub context: OrgContext,
+    pub max_concurrency: Option<u32>,
+    pub enabled: bool,
+    pub health: Health,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    pub last4: String,
+    pub key_id: String,
+}
+
+impl ConfigView {
+    pub fn new(config: &ProviderConfig, keys: &KeyRing) -> ConfigView {
+        ConfigView {
+            org_id: config.org_id.clone(),
+            provider: config.profile.as_str(),
+            base_url: config.base_url.clone(),
+            model: config.model.clone(),
+            api_key: config.api_key.as_ref().map(|sealed| KeyView {
+                last4: match keys.open(&config.org_id, sealed) {
+                    Ok(key) => crypto::mask(&key),
+                    Err(_) => "(cannot decrypt)".to_owned(),
+                },
+                key_id: sealed.key_id.clone(),
+            }),
+            params: config.params.clone(),
+            workers: config.enabled_workers.clone(),
+            worker_models: config.worker_models.clone(),
+            context: config.context.clone(),
+            max_concurrency: config.max_concurrency,
+            enabled: config.enabled,
+            health: config.health.clone(),
+        }
+    }
+}
+
+/// The outcome of a test request.
+#[derive(Debug, Serialize)]
+pub struct TestReport {
+    pub ok: bool,
+    pub model: Option<String>,
+    pub latency_ms: Option<u64>,
+    pub error_class: Option<&'static str>,
+    pub error: Option<String>,
+}
+
+/// Sends one tiny request with the org's config and records the outcome on the config.
+pub async fn test_org(
+    store: &Store,
+    keys: &KeyRing,
+    client: &ProviderClient,
+    config: &ProviderConfig,
+) -> anyhow::Result<TestReport> {
+    let api_key = match config
+        .api_key
+        .as_ref()
+        .map(|sealed| keys.open(&config.org_id, sealed))
+        .transpose()
+    {
+        Ok(key) => key,
+        Err(err) => {
+            let message = err.to_string();
+            store
+                .record_provider_failure(&config.org_id, &message, true)
+                .await?;
+            return Ok(TestReport {
+                ok: false,
+                model: None,
+                latency_ms: None,
+                error_class: Some(ErrorClass::ConfigInvalid.as_str()),
+                error: Some(message),
+            });
+        }
+    };
+    let target = ProviderTarget {
+        profile: config.profile,
+        base_url: config.base_url.clone(),
+        api_key,
+        model: config.model.clone(),
+        timeout: config
+            .params
+            .timeout_secs
+            .map_or(Duration::from_secs(30), Duration::from_secs),
+        api_version: config.params.api_version.clone(),
+    };
+    let request = ChatRequest {
+        messages: vec![ChatMessage::new("user", "Reply with the single word: ok")],
+        temperature: None,
+        max_tokens: Some(5),
+        response_format: ResponseFormat::Text,
+    };
+    Ok(match client.chat(&target, &request).await {
+        Ok(reply) => {
+            store.record_provider_success(&config.org_id).await?;
+            TestReport {
+                ok: true,
+                model: Some(reply.model),
+                latency_ms: Some(u64::try_from(reply.latency.as_millis()).unwrap_or(u64::MAX)),
+                error_class: None,
+                error: None,
+            }
+        }
+        Err(err) => {
+            let message = err.to_string();
+            let class = err.class();
+            store
+                .record_provider_failure(&config.org_id, &message, class.is_config_problem())
+                .await?;
+            TestReport {
+                ok: false,
+                model: None,
+                latency_ms: None,
+                error_class: Some(class.as_str()),
+                error: Some(message),
+            }
+        }
+    })
+}
+
+/// What the API handlers share.
+pub struct AdminState {
+    pub store: Store,
+    pub keys: Arc<KeyRing>,
+    pub client: ProviderClient,
+    pub policy: EndpointPolicy,
+    token_digest: [u8; 32],
+}
+
+/// The `/v1` routes, behind bearer authentication with `token`.
+pub fn router(
+    store: Store,
+    keys: Arc<KeyRing>,
+    client: ProviderClient,
+    token: &SecretString,
+) -> Router {
+    let policy = client.policy();
+    let state = Arc::new(AdminState {
+        store,
+        keys,
+        client,
+        policy,
+        token_digest: digest(token.expose_secret().as_bytes()),
+    });
+    Router::new()
+        .route(
+            "/v1/orgs/{org}/provider",
+            get(get_config).put(put_config).delete(delete_config),
+        )
+        .route("/v1/orgs/{org}/provider/test", post(test_config))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Compares two digests in time independent of where they differ.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+async fn authenticate(
+    State(state): State<Arc<AdminState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if same_digest(&digest(token.as_bytes()), &state.token_digest) => {
+            next.run(request).await
+        }
+        _ => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+                None,
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+fn error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    problems: Option<&[FieldProblem]>,
+) -> Response {
+    let mut body = json!({"error": {"code": code, "message": message}});
+    if let Some(problems) = problems {
+        body["error"]["fields"] = json!(problems);
+        if let Some(first) = problems.first() {
+            body["error"]["field"] = json!(first.field);
+        }
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn unavailable(err: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %err, "admin API: database unavailable");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the database is unavailable; try again",
+        None,
+    )
+}
+
+fn not_found(org: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("org {org} has no provider config"),
+        None,
+    )
+}
+
+async fn get_config(State(state): State<Arc<AdminState>>, Path(org): Path<String>) -> Response {
+    match state.store.provider_config(&org).await {
+        Ok(Some(config)) => axum::Json(ConfigView::new(&config, &state.keys)).into_response(),
+        Ok(None) => not_found(&org),
+        Err(err) => unavailable(err),
+    }
+}
+
+async fn put_config(
+    State(state): State<Arc<AdminState>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !json_body {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json",
+            None,
+        );
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let input: ConfigInput = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(input) => input,
+        Err(err) => {
+            let path = err.path().to_string();
+            let field = if path == "." {
+                field_from_message(&err.inner().to_string())
+            } else {
+                path
+            };
+            let problem = FieldProblem::new(&field, redact_serde_message(&err.inner().to_string()));
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                &problem.to_string(),
+                Some(&[problem]),
+            );
+        }
+    };
+    let existing = match state.store.provider_config(&org).await {
+        Ok(existing) => existing,
+        Err(err) => return unavailable(err),
+    };
+    let config = match input.into_config(&org, existing.as_ref(), &state.keys, state.policy) {
+        Ok(config) => config,
+        Err(problems) => {
+            let message = problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_config",
+                &message,
+                Some(&problems),
+            );
+        }
+    };
+    if let Err(err) = state.store.put_provider_config(&config).await {
+        return unavailable(err);
+    }
+    let status = if existing.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    (status, axum::Json(ConfigView::new(&config, &state.keys))).into_response()
+}
+
+async fn delete_config(State(state): State<Arc<AdminState>>, Path(org): Path<String>) -> Response {
+    match state.store.remove_provider_config(&org).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => not_found(&org),
+        Err(err) => unavailable(err),
+    }
+}
+
+async fn test_config(State(state): State<Arc<AdminState>>, Path(org): Path<String>) -> Response {
+    let config = match state.store.provider_config(&org).await {
+        Ok(Some(config)) => config,
+        Ok(None) => return not_found(&org),
+        Err(err) => return unavailable(err),
+    };
+    match test_org(&state.store, &state.keys, &state.client, &config).await {
+        Ok(report) => {
+            let status = if report.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            (status, axum::Json(report)).into_response()
+        }
+        Err(err) => unavailable(err),
+    }
+}
+
+/// serde names a missing or unknown field only in its message (`missing field `model``).
+fn field_from_message(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or("body")
+        .to_owned()
+}
+
+/// serde's messages quote the offending value, which could be a key sent in the wrong field;
+/// keep only the part before the quoted value.
+fn redact_serde_message(message: &str) -> String {
+    match message.find(": \"").or_else(|| message.find(" \"")) {
+        Some(cut) if message.starts_with("invalid") => format!(
+            "{} (value withheld){}",
+            &message[..cut],
+            tail_position(message)
+        ),
+        _ => message.to_owned(),
+    }
+}
+
+fn tail_position(message: &str) -> String {
+    message
+        .rfind(" at line ")
+        .map(|at| message[at..].to_owned())
+        .unwrap_or_default()
+}
