@@ -408,3 +408,38 @@ fn tail_position(message: &str) -> String {
         .map(|at| message[at..].to_owned())
         .unwrap_or_default()
 }
+
+/// What a rotation did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RotationReport {
+    pub rotated: usize,
+    pub current: usize,
+    pub raced: usize,
+}
+
+/// Re-seals every key not under the active master key.
+/// Safe while workers run: a row is replaced only if it still holds the ciphertext that was
+/// read, so a concurrent `org set` is never overwritten.
+pub async fn rotate(store: &Store, keys: &KeyRing) -> anyhow::Result<RotationReport> {
+    let mut report = RotationReport::default();
+    for config in store.provider_configs().await? {
+        let Some(sealed) = config.api_key else {
+            continue;
+        };
+        if sealed.key_id == keys.active_key_id() {
+            report.current += 1;
+            continue;
+        }
+        let plaintext = keys.open(&config.org_id, &sealed)?;
+        let resealed = keys.seal(&config.org_id, &plaintext)?;
+        if store
+            .replace_sealed_key(&config.org_id, &sealed, &resealed)
+            .await?
+        {
+            report.rotated += 1;
+        } else {
+            report.raced += 1;
+        }
+    }
+    Ok(report)
+}

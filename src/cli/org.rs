@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Settings;
 use crate::admin::{self, ConfigInput, ConfigView, FieldProblem};
+use crate::config::Settings;
 use crate::crypto::KeyRing;
 use crate::provider::{Profile, ProviderClient};
 use crate::store::Store;

@@ -1,6 +1,7 @@
 //! Integration tests: real RabbitMQ, real Postgres, a scripted fake provider (wiremock).
 //! Each test gets its own database and its own exchange/queue prefix (see `support`).
 
+mod byok;
 mod skeleton;
 mod support;
 mod workers;

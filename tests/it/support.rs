@@ -41,6 +41,10 @@ pub struct Options {
     pub workers_dir: std::path::PathBuf,
     pub schemas_dir: std::path::PathBuf,
     pub max_attempts: u32,
+    /// The service's key ring; a fresh one when `None`.
+    pub keys: Option<Arc<KeyRing>>,
+    pub allow_loopback: bool,
+    pub admin_token: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -50,6 +54,9 @@ impl Default for Options {
             workers_dir: "workers".into(),
             schemas_dir: "schemas".into(),
             max_attempts: 3,
+            keys: None,
+            allow_loopback: true,
+            admin_token: None,
         }
     }
 }
@@ -96,18 +103,22 @@ impl Harness {
             delivery_limit: Some(5),
             workers_dir: Some(options.workers_dir.clone()),
             schemas_dir: Some(options.schemas_dir.clone()),
-            allow_loopback_providers: Some(true),
+            allow_loopback_providers: Some(options.allow_loopback),
             provider_timeout_secs: Some(5),
             provider_max_attempts: Some(options.max_attempts),
             shutdown_grace_secs: Some(5),
             ..Default::default()
         };
-        let settings = args.resolve().expect("test settings");
+        let mut settings = args.resolve().expect("test settings");
+        settings.admin_token = options.admin_token.map(SecretString::from);
         copilot_workers::store::migrations::migrate(&settings.database_url)
             .await
             .expect("migrate test database");
         let store = Store::connect(&settings.database_url, 4).unwrap();
-        let keys = Arc::new(KeyRing::generate().unwrap());
+        let keys = options
+            .keys
+            .clone()
+            .unwrap_or_else(|| Arc::new(KeyRing::generate().unwrap()));
         let names: Vec<String> = options.workers.iter().map(|w| w.to_string()).collect();
         let catalog = Catalog::load(&settings.workers_dir, &settings.schemas_dir)
             .unwrap()

@@ -1,0 +1,528 @@
+//! BYOK configuration: rotation, start-up refusals, live changes, the endpoint guard,
+//! provider profiles, health, and the admin API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use copilot_workers::crypto::KeyRing;
+use copilot_workers::provider::Profile;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use wiremock::matchers::{header, header_exists, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::skeleton::provider_for;
+use crate::support::{Harness, Options, completion, org_config, summary_output, ticket_event};
+
+const WAIT: Duration = Duration::from_secs(20);
+const KEY: &str = "sk-acme-0123456789";
+
+fn ring(keys: &[[u8; 32]]) -> KeyRing {
+    let spec: Vec<String> = keys
+        .iter()
+        .map(|k| base64::engine::general_purpose::STANDARD.encode(k))
+        .collect();
+    KeyRing::parse(&SecretString::from(spec.join(","))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_reseals_every_key_while_events_keep_completing() {
+    let old = ring(&[[1; 32]]);
+    let both = Arc::new(ring(&[[2; 32], [1; 32]]));
+    let mut h = Harness::with(Options {
+        keys: Some(both.clone()),
+        ..Options::default()
+    })
+    .await;
+    let output = summary_output("rotated");
+    let provider = provider_for(KEY, &output).await;
+    let url = format!("{}/v1", provider.uri());
+    for n in 0..5 {
+        h.set_config(org_config(
+            &old,
+            &format!("org_{n}"),
+            Profile::Openai,
+            &url,
+            Some(KEY),
+        ))
+        .await;
+    }
+    assert_eq!(
+        h.store.sealed_key_ids().await.unwrap(),
+        vec![old.active_key_id().to_owned()]
+    );
+
+    let total = 100;
+    for n in 0..total / 2 {
+        h.publish(&ticket_event(
+            &format!("evt_r{n}"),
+            &format!("org_{}", n % 5),
+            "ticket.created",
+        ))
+        .await;
+    }
+    let report = copilot_workers::admin::rotate(&h.store, &both)
+        .await
+        .unwrap();
+    assert_eq!(report.rotated, 5);
+    for n in total / 2..total {
+        h.publish(&ticket_event(
+            &format!("evt_r{n}"),
+            &format!("org_{}", n % 5),
+            "ticket.created",
+        ))
+        .await;
+    }
+    let results = h.results(total, Duration::from_secs(60)).await;
+    assert!(
+        results.iter().all(|r| r.is_completed()),
+        "every event during the rotation completes"
+    );
+    assert_eq!(
+        h.store.sealed_key_ids().await.unwrap(),
+        vec![both.active_key_id().to_owned()]
+    );
+    // A second rotation has nothing to do, and the new ring alone opens every row.
+    assert_eq!(
+        copilot_workers::admin::rotate(&h.store, &both)
+            .await
+            .unwrap()
+            .rotated,
+        0
+    );
+    let new_only = ring(&[[2; 32]]);
+    for config in h.store.provider_configs().await.unwrap() {
+        let key = new_only
+            .open(&config.org_id, config.api_key.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&key), KEY);
+    }
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_refuses_stored_keys_it_cannot_open() {
+    let h = Harness::start().await;
+    let foreign = ring(&[[9; 32]]);
+    h.set_config(org_config(
+        &foreign,
+        "org_x",
+        Profile::Openai,
+        "https://api.example.com/v1",
+        Some(KEY),
+    ))
+    .await;
+    let catalog =
+        copilot_workers::workers::Catalog::load(&h.settings.workers_dir, &h.settings.schemas_dir)
+            .unwrap();
+    let err = copilot_workers::service::run(
+        &h.settings,
+        h.keys.clone(),
+        catalog,
+        Default::default(),
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(foreign.active_key_id()), "{err}");
+    assert!(
+        err.contains("keys rotate"),
+        "the message says what to do: {err}"
+    );
+    h.finish().await;
+}
+
+#[test]
+fn start_up_refuses_a_missing_or_malformed_master_key() {
+    let binary = env!("CARGO_BIN_EXE_copilot-workers");
+    let run = |key: Option<&str>| {
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(["run"])
+            .env_remove("COPILOT_MASTER_KEY")
+            .env_remove("COPILOT_MASTER_KEY_FILE");
+        if let Some(key) = key {
+            command.env("COPILOT_MASTER_KEY", key);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let missing = run(None);
+    assert!(
+        missing.contains("no master key") && missing.contains("COPILOT_MASTER_KEY"),
+        "{missing}"
+    );
+    let short = run(Some(
+        &base64::engine::general_purpose::STANDARD.encode([1u8; 16]),
+    ));
+    assert!(
+        short.contains("malformed") && short.contains("32 bytes"),
+        "{short}"
+    );
+    let garbage = run(Some("not-base64!"));
+    assert!(garbage.contains("not base64"), "{garbage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_or_disabling_a_config_stops_requests_at_once() {
+    let mut h = Harness::start().await;
+    let provider = provider_for(KEY, &summary_output("live")).await;
+    let url = format!("{}/v1", provider.uri());
+    h.set_org("org_a", &url, KEY).await;
+    h.set_org("org_b", &url, KEY).await;
+    for org in ["org_a", "org_b"] {
+        h.publish(&ticket_event(
+            &format!("evt_{org}_1"),
+            org,
+            "ticket.created",
+        ))
+        .await;
+    }
+    h.results(2, WAIT).await; // both configs are now cached
+    assert!(h.store.remove_provider_config("org_a").await.unwrap());
+    assert!(h.store.set_provider_enabled("org_b", false).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for org in ["org_a", "org_b"] {
+        h.publish(&ticket_event(
+            &format!("evt_{org}_2"),
+            org,
+            "ticket.created",
+        ))
+        .await;
+    }
+    for reason in ["no_config", "disabled"] {
+        let skipped =
+            format!("copilot_events_skipped_total{{worker=\"summarize\",reason=\"{reason}\"}}");
+        h.eventually(WAIT, reason, || async { h.counter(&skipped).await == 1.0 })
+            .await;
+    }
+    assert_eq!(
+        provider.received_requests().await.unwrap().len(),
+        2,
+        "no request after the change"
+    );
+    assert!(h.next_result(Duration::from_millis(300)).await.is_none());
+    assert!(h.counter("copilot_config_cache_invalidations_total").await >= 2.0);
+    // Re-enabling works the same way.
+    assert!(h.store.set_provider_enabled("org_b", true).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.publish(&ticket_event("evt_org_b_3", "org_b", "ticket.created"))
+        .await;
+    h.results(1, WAIT).await;
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_guard_refuses_metadata_and_unallowed_loopback() {
+    let mut h = Harness::with(Options {
+        allow_loopback: false,
+        ..Options::default()
+    })
+    .await;
+    let provider = MockServer::start().await;
+    let port = provider.address().port();
+    let cases = [
+        ("org_meta_ip", "http://169.254.169.254/v1".to_owned()),
+        (
+            "org_meta_name",
+            "http://metadata.google.internal/v1".to_owned(),
+        ),
+        ("org_localhost", format!("http://localhost:{port}/v1")),
+        ("org_loopback_ip", format!("http://127.0.0.1:{port}/v1")),
+    ];
+    for (org, url) in &cases {
+        h.set_config(org_config(&h.keys, org, Profile::Openai, url, Some(KEY)))
+            .await;
+        h.publish(&ticket_event(&format!("evt_{org}"), org, "ticket.created"))
+            .await;
+    }
+    let results = h.results(cases.len(), WAIT).await;
+    for result in &results {
+        assert_eq!(
+            result.data.error.as_ref().map(|e| e.class.as_str()),
+            Some("endpoint_refused"),
+            "{result:?}"
+        );
+    }
+    assert!(provider.received_requests().await.unwrap().is_empty());
+    let health = h
+        .store
+        .provider_config("org_localhost")
+        .await
+        .unwrap()
+        .unwrap()
+        .health;
+    assert!(
+        !health.healthy,
+        "a refused endpoint marks the config unhealthy"
+    );
+    h.finish().await;
+
+    // With the operator's allowance, loopback (by name too) works; metadata never does.
+    let mut h = Harness::with(Options {
+        allow_loopback: true,
+        ..Options::default()
+    })
+    .await;
+    let provider = provider_for(KEY, &summary_output("local model")).await;
+    let port = provider.address().port();
+    h.set_org("org_localhost", &format!("http://localhost:{port}/v1"), KEY)
+        .await;
+    h.set_org("org_meta_ip", "http://169.254.169.254/v1", KEY)
+        .await;
+    h.publish(&ticket_event(
+        "evt_local",
+        "org_localhost",
+        "ticket.created",
+    ))
+    .await;
+    h.publish(&ticket_event("evt_meta", "org_meta_ip", "ticket.created"))
+        .await;
+    let results = h.results(2, WAIT).await;
+    for result in results {
+        match result.data.org_id.as_str() {
+            "org_localhost" => assert!(result.is_completed(), "{result:?}"),
+            _ => assert_eq!(result.data.error.unwrap().class, "endpoint_refused"),
+        }
+    }
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_sends_its_deployment_url_api_version_and_api_key_header() {
+    let mut h = Harness::start().await;
+    let server = MockServer::start().await;
+    let output = summary_output("from azure");
+    Mock::given(method("POST"))
+        .and(path("/openai/deployments/gpt-4o-prod/chat/completions"))
+        .and(query_param("api-version", "2024-10-21"))
+        .and(header("api-key", KEY))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&output)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut config = org_config(
+        &h.keys,
+        "org_az",
+        Profile::Azure,
+        &format!("{}/openai/deployments/gpt-4o-prod", server.uri()),
+        Some(KEY),
+    );
+    config.params.api_version = Some("2024-10-21".into());
+    h.set_config(config).await;
+    h.publish(&ticket_event("evt_az", "org_az", "ticket.created"))
+        .await;
+    let results = h.results(1, WAIT).await;
+    assert_eq!(results[0].data.output, Some(output));
+    let request = &server.received_requests().await.unwrap()[0];
+    assert!(
+        request.headers.get("authorization").is_none(),
+        "Azure takes api-key, not a bearer token"
+    );
+    let body: Value = request.body_json().unwrap();
+    assert!(
+        body.get("model").is_none(),
+        "the deployment names the model"
+    );
+    assert_eq!(body["response_format"]["type"], "json_schema");
+    assert_eq!(body["messages"][0]["role"], "system");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_needs_no_key_and_gets_json_mode() {
+    let mut h = Harness::start().await;
+    let server = MockServer::start().await;
+    let output = summary_output("from ollama");
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&output)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut config = org_config(
+        &h.keys,
+        "org_ol",
+        Profile::Ollama,
+        &format!("{}/v1", server.uri()),
+        None,
+    );
+    config.model = "llama3.2".into();
+    h.set_config(config).await;
+    h.publish(&ticket_event("evt_ol", "org_ol", "ticket.created"))
+        .await;
+    let results = h.results(1, WAIT).await;
+    assert_eq!(results[0].data.output, Some(output));
+    let request = &server.received_requests().await.unwrap()[0];
+    assert!(request.headers.get("authorization").is_none());
+    let body: Value = request.body_json().unwrap();
+    assert_eq!(body["model"], "llama3.2");
+    assert_eq!(body["response_format"], json!({"type": "json_object"}));
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_key_fails_the_event_and_marks_the_config_unhealthy() {
+    let mut h = Harness::start().await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header_exists("authorization"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": {
+            "message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error", "code": "invalid_api_key"}})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    h.set_org("org_revoked", &format!("{}/v1", server.uri()), KEY)
+        .await;
+    h.publish(&ticket_event(
+        "evt_revoked",
+        "org_revoked",
+        "ticket.created",
+    ))
+    .await;
+    let results = h.results(1, WAIT).await;
+    let error = results[0].data.error.clone().unwrap();
+    assert_eq!(error.class, "provider_auth");
+    assert!(!error.message.contains(KEY));
+    let config = h
+        .store
+        .provider_config("org_revoked")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!config.health.healthy);
+    let last_error = config.health.last_error.unwrap();
+    assert!(
+        last_error.contains("401") && !last_error.contains(KEY),
+        "{last_error}"
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_authenticates_and_round_trips_configs() {
+    let h = Harness::with(Options {
+        admin_token: Some("admin-token-for-tests"),
+        ..Options::default()
+    })
+    .await;
+    let provider = provider_for(KEY, &summary_output("api")).await;
+    let base = format!("http://{}/v1/orgs/org_api/provider", h.http_addr);
+    let client = reqwest::Client::new();
+    let body = json!({"provider": "openai", "base_url": format!("{}/v1", provider.uri()), "model": "gpt-4o-mini",
+        "api_key": KEY, "params": {"temperature": 0.3}, "context": {"categories": ["billing"]}});
+
+    let none = client.get(&base).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    let wrong = client
+        .get(&base)
+        .bearer_auth("admin-token-for-test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let put = client
+        .put(&base)
+        .bearer_auth("admin-token-for-tests")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let got = client
+        .get(&base)
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let text = got.text().await.unwrap();
+    assert!(!text.contains(KEY), "GET never returns the key: {text}");
+    let view: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(view["model"], "gpt-4o-mini");
+    assert_eq!(view["api_key"]["last4"], "…6789");
+    assert_eq!(view["params"]["temperature"], 0.3);
+
+    let tested = client
+        .post(format!("{base}/test"))
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tested.status(), 200);
+    let report: Value = tested.json().await.unwrap();
+    assert_eq!(report["ok"], true);
+
+    for (bad, field) in [
+        (
+            json!({"provider": "openai", "base_url": "https://api.openai.com/v1", "api_key": "k"}),
+            "model",
+        ),
+        (
+            json!({"provider": "openai", "base_url": "https://api.openai.com/v1", "model": "m", "params": {"temperature": "hot"}}),
+            "params.temperature",
+        ),
+        (
+            json!({"provider": "openia", "base_url": "https://api.openai.com/v1", "model": "m"}),
+            "provider",
+        ),
+        (
+            json!({"provider": "openai", "base_url": "http://169.254.169.254/v1", "model": "m", "api_key": "k"}),
+            "base_url",
+        ),
+        (
+            json!({"provider": "openai", "base_url": "https://api.openai.com/v1", "model": "m", "api_key": "k", "colour": 1}),
+            "colour",
+        ),
+    ] {
+        let response = client
+            .put(&base)
+            .bearer_auth("admin-token-for-tests")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_client_error(), "{bad}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["field"], field, "{error}");
+    }
+    let not_json = client
+        .put(&base)
+        .bearer_auth("admin-token-for-tests")
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), 422);
+
+    let deleted = client
+        .delete(&base)
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let gone = client
+        .get(&base)
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_is_off_without_a_token() {
+    let h = Harness::start().await;
+    let response = reqwest::get(format!("http://{}/v1/orgs/org_x/provider", h.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    h.finish().await;
+}
