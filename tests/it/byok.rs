@@ -526,3 +526,32 @@ async fn the_admin_api_is_off_without_a_token() {
     assert_eq!(response.status(), 404);
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parameter_the_model_rejects_is_dropped_not_fatal() {
+    let mut h = Harness::start().await;
+    let server = MockServer::start().await;
+    let output = summary_output("no temperature for me");
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_string_contains("\"temperature\""))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "message": "Unsupported value: 'temperature' does not support 0.2 with this model.",
+            "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&output)))
+        .mount(&server)
+        .await;
+    h.set_org("org_o1", &format!("{}/v1", server.uri()), KEY)
+        .await;
+    h.publish(&ticket_event("evt_o1", "org_o1", "ticket.created"))
+        .await;
+    let results = h.results(1, WAIT).await;
+    assert_eq!(results[0].data.output, Some(output));
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 2);
+    let retried: Value = requests[1].body_json().unwrap();
+    assert!(retried.get("temperature").is_none());
+    h.finish().await;
+}
