@@ -112,6 +112,8 @@ pub async fn run(
             ..RetryPolicy::default()
         },
         provider_timeout: settings.provider_timeout,
+        gates: Default::default(),
+        instance: instance_id(),
         abandon: abandon.clone(),
     });
 
@@ -204,4 +206,11 @@ async fn check_database(store: &Store, keys: &KeyRing) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A random id for this process, used in event claims.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

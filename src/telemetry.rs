@@ -50,7 +50,7 @@ fn describe() {
     );
     describe_counter!(
         EVENTS_PARKED,
-        "Events parked in a delay queue to wait out a long provider back-off, by worker."
+        "Events parked in a delay queue instead of holding a consumer slot, by worker and reason (provider_backoff, org_busy, circuit_open)."
     );
     describe_counter!(
         RESULTS_PUBLISHED,

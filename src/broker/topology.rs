@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 /// Steps, in seconds, of the delay queues that hold parked events.
-pub const DELAY_STEPS_SECS: [u64; 5] = [30, 60, 120, 300, 900];
+pub const DELAY_STEPS_SECS: [u64; 6] = [5, 30, 60, 120, 300, 900];
 
 /// The names of every exchange and queue, for one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

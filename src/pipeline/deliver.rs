@@ -95,6 +95,7 @@ impl Pipeline {
         delivery: &Delivery,
         delay: Duration,
         attempts: u32,
+        reason: &'static str,
     ) {
         let step = Topology::delay_step(delay);
         let queue = self.topology.delay_queue(worker.name(), step);
@@ -113,9 +114,10 @@ impl Pipeline {
                     ?delay,
                     step_secs = step,
                     attempts,
-                    "provider asked for a long wait; event parked"
+                    reason,
+                    "event parked in a delay queue"
                 );
-                metrics::counter!(m::EVENTS_PARKED, "worker" => worker.name().to_owned())
+                metrics::counter!(m::EVENTS_PARKED, "worker" => worker.name().to_owned(), "reason" => reason)
                     .increment(1);
                 self.ack(worker, delivery).await;
             }

@@ -8,7 +8,9 @@
 //! `run.rs` is the provider part (retries, the corrective re-ask); `deliver.rs` is what goes
 //! back to the broker (results, dead letters, parked events, acks).
 
+mod claim;
 mod deliver;
+pub mod gate;
 mod run;
 
 use std::future::Future;
@@ -47,6 +49,10 @@ pub struct Pipeline {
     pub max_event_bytes: usize,
     pub retry: RetryPolicy,
     pub provider_timeout: Duration,
+    /// Per-org concurrency caps and circuit breakers.
+    pub gates: gate::OrgGates,
+    /// Identifies this process in event claims.
+    pub instance: String,
     /// Fires when the shutdown grace period is over: waits give up and leave the delivery
     /// unacked, so the broker hands it to another consumer.
     pub abandon: CancellationToken,
@@ -160,7 +166,20 @@ impl Pipeline {
             return self.skip(worker, delivery, "unchanged").await;
         }
 
-        let mut spent = Spent::new(&model, deliver::attempts_header(delivery));
+        let attempts_before = deliver::attempts_header(delivery);
+        let Some(claim) = self.claim(worker, delivery, event).await else {
+            return;
+        };
+        let permit = match self.gates.admit(org_id, config.max_concurrency).await {
+            gate::Admission::Go(permit) => permit,
+            gate::Admission::Defer { delay, reason } => {
+                claim.release().await;
+                return self
+                    .park(worker, delivery, delay, attempts_before, reason)
+                    .await;
+            }
+        };
+        let mut spent = Spent::new(&model, attempts_before);
         let run = match self.key_for(&config) {
             Ok(api_key) => {
                 let target = ProviderTarget {
@@ -184,9 +203,16 @@ impl Pipeline {
                         .into(),
             },
         };
+        drop(permit);
         spent.record_tokens(worker.name());
+        self.gates.record(org_id, run.provider_answered());
         let (output, error) = match run {
-            Run::Park { delay } => return self.park(worker, delivery, delay, spent.attempts).await,
+            Run::Park { delay } => {
+                claim.release().await;
+                return self
+                    .park(worker, delivery, delay, spent.attempts, "provider_backoff")
+                    .await;
+            }
             Run::Completed(output) => (Some(output), None),
             Run::Failed { class, message } => {
                 tracing::warn!(class = class.as_str(), %message, attempts = spent.attempts, "worker failed");
@@ -236,6 +262,7 @@ impl Pipeline {
         let Some(standing) = self.db(|| self.store.record_result(&entry, &usage)).await else {
             return;
         };
+        claim.settled();
         if !self.publish_result(delivery, &standing).await {
             return;
         }

@@ -58,6 +58,21 @@ pub(super) enum Run {
     },
 }
 
+impl Run {
+    /// Whether the provider was up (for the circuit breaker): an answer, even an invalid or a
+    /// refusing one, counts as up; transient failures and long back-offs do not.
+    pub fn provider_answered(&self) -> bool {
+        match self {
+            Run::Completed(_) => true,
+            Run::Failed { class, .. } => !matches!(
+                class,
+                ErrorClass::RetriesExhausted | ErrorClass::ProviderUnavailable
+            ),
+            Run::Park { .. } => false,
+        }
+    }
+}
+
 impl Pipeline {
     pub(super) async fn run_provider(
         &self,

@@ -157,6 +157,13 @@ impl Store {
                 )
                 .await?;
         }
+        // The run is decided: whoever claimed it is done with it.
+        let release = transaction
+            .prepare_cached("DELETE FROM event_claims WHERE event_id = $1 AND worker = $2")
+            .await?;
+        transaction
+            .execute(&release, &[&entry.event_id, &entry.worker])
+            .await?;
         transaction.commit().await?;
         drop(client);
         if inserted == 1 {
@@ -193,6 +200,56 @@ impl Store {
     pub async fn clear_demo_state(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client.batch_execute("DELETE FROM processed_events").await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Takes the claim on (event, worker) for `lease` unless another holder's claim is still
+    /// live. Returns whether `holder` now holds it.
+    pub async fn claim(
+        &self,
+        event_id: &str,
+        worker: &str,
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO event_claims (event_id, worker, holder, expires_at) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4)) \
+                 ON CONFLICT (event_id, worker) DO UPDATE SET holder = EXCLUDED.holder, \
+                 expires_at = EXCLUDED.expires_at \
+                 WHERE event_claims.expires_at < now() OR event_claims.holder = EXCLUDED.holder \
+                 RETURNING holder",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &statement,
+                &[&event_id, &worker, &holder, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Gives a claim up (after the result is published, or when the event is parked).
+    pub async fn release_claim(
+        &self,
+        event_id: &str,
+        worker: &str,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "DELETE FROM event_claims WHERE event_id = $1 AND worker = $2 AND holder = $3",
+            )
+            .await?;
+        client
+            .execute(&statement, &[&event_id, &worker, &holder])
+            .await?;
         Ok(())
     }
 }

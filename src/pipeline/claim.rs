@@ -1,0 +1,127 @@
+//! Claims: one worker at a time on an (event, worker), across every replica.
+//!
+//! The ledger answers redeliveries of a decided event; a claim covers the window before it is
+//! decided, when two deliveries of one event (a republish, a redelivery after a lost ack) could
+//! otherwise both call the provider. The holder renews its lease while it works; a second
+//! delivery waits for the holder's result and republishes it, or takes over once the lease
+//! lapses because the holder died.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lapin::message::Delivery;
+
+use super::Pipeline;
+use crate::events::TicketEvent;
+use crate::store::Store;
+use crate::workers::Worker;
+
+/// How long a claim lives without renewal.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(15);
+/// How often a holder renews.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often a waiting delivery looks for the holder's result.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+
+/// A held claim; renewal stops when it is dropped.
+pub(super) struct Claim {
+    store: Store,
+    event_id: String,
+    worker: String,
+    holder: String,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Claim {
+    /// Gives the claim up (the event is parked or deferred).
+    pub async fn release(self) {
+        self.renewal.abort();
+        if let Err(err) = self
+            .store
+            .release_claim(&self.event_id, &self.worker, &self.holder)
+            .await
+        {
+            tracing::debug!(error = %err, "claim release failed; it lapses by itself");
+        }
+    }
+
+    /// The result was recorded (which removed the claim row); just stop renewing.
+    pub fn settled(self) {
+        self.renewal.abort();
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+impl Pipeline {
+    /// Takes the claim on this event for `worker`, or answers the delivery from the holder's
+    /// result. `None` means the delivery was answered (or must be left to the broker).
+    pub(super) async fn claim(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        event: &TicketEvent,
+    ) -> Option<Claim> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let holder = format!("{}-{}", self.instance, NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut waited = false;
+        loop {
+            let taken = self
+                .db(|| {
+                    self.store
+                        .claim(&event.id, worker.name(), &holder, CLAIM_LEASE)
+                })
+                .await?;
+            if taken {
+                return Some(self.hold(event, worker, holder));
+            }
+            if !waited {
+                tracing::info!(
+                    "another delivery of this event is being processed; waiting for its result"
+                );
+                waited = true;
+            }
+            tokio::select! {
+                () = self.abandon.cancelled() => return None,
+                () = tokio::time::sleep(POLL_EVERY) => {}
+            }
+            if let Some(entry) = self
+                .db(|| self.store.ledger_entry(&event.id, worker.name()))
+                .await?
+            {
+                if self.publish_result(delivery, &entry).await {
+                    self.skip(worker, delivery, "duplicate").await;
+                }
+                return None;
+            }
+        }
+    }
+
+    fn hold(&self, event: &TicketEvent, worker: &Worker, holder: String) -> Claim {
+        let store = self.store.clone();
+        let (event_id, worker_name, renewing) =
+            (event.id.clone(), worker.name().to_owned(), holder.clone());
+        let renewal = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                if let Err(err) = store
+                    .claim(&event_id, &worker_name, &renewing, CLAIM_LEASE)
+                    .await
+                {
+                    tracing::debug!(error = %err, "claim renewal failed; retrying");
+                }
+            }
+        });
+        Claim {
+            store: self.store.clone(),
+            event_id: event.id.clone(),
+            worker: worker.name().to_owned(),
+            holder,
+            renewal,
+        }
+    }
+}
