@@ -178,16 +178,17 @@ pub fn parse_event(
         return Err(BadInput::WrongSpecVersion);
     }
     for field in ["id", "source"] {
-        if object
-            .get(field)
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-        {
-            return Err(BadInput::MissingField(if field == "id" {
-                "id"
-            } else {
-                "source"
-            }));
+        match object.get(field) {
+            None | Some(Value::Null) => return Err(BadInput::MissingField(field_name(field))),
+            Some(Value::String(text)) if text.is_empty() => {
+                return Err(BadInput::MissingField(field_name(field)));
+            }
+            Some(Value::String(_)) => {}
+            Some(_) => {
+                return Err(BadInput::InvalidField(format!(
+                    "`{field}` must be a string"
+                )));
+            }
         }
     }
     let kind = object
@@ -222,6 +223,16 @@ pub fn parse_event(
         return Err(BadInput::MissingField("data.ticket.id"));
     }
     Ok(event)
+}
+
+/// The static name of a required top-level field.
+fn field_name(field: &str) -> &'static str {
+    match field {
+        "id" => "id",
+        "source" => "source",
+        "type" => "type",
+        _ => "data",
+    }
 }
 
 /// Token usage as the provider reported it.

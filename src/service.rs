@@ -66,14 +66,27 @@ pub async fn run(
     let metrics = telemetry::metrics_handle();
     let store = Store::connect(&settings.database_url, 32)?;
     check_database(&store, &keys).await?;
+    let instance = instance_id();
     let consuming = Arc::new(
-        broker::connect(&settings.amqp_url, "copilot-workers consume")
-            .await
-            .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?,
-    );
-    let publishing = broker::connect(&settings.amqp_url, "copilot-workers publish")
+        broker::connect(
+            &settings.amqp_url,
+            &format!(
+                "copilot-workers consume {}{instance}",
+                settings.topology_prefix
+            ),
+        )
         .await
-        .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
+        .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?,
+    );
+    let publishing = broker::connect(
+        &settings.amqp_url,
+        &format!(
+            "copilot-workers publish {}{instance}",
+            settings.topology_prefix
+        ),
+    )
+    .await
+    .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
     let publisher = Publisher::new(&publishing).await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
@@ -113,7 +126,7 @@ pub async fn run(
         },
         provider_timeout: settings.provider_timeout,
         gates: Default::default(),
-        instance: instance_id(),
+        instance: instance.clone(),
         abandon: abandon.clone(),
     });
 

@@ -1,9 +1,11 @@
 //! The test harness: an isolated installation of the service, in process.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
 use copilot_workers::broker::{self, Outgoing, Publisher, Topology};
 use copilot_workers::config::{Settings, SettingsArgs};
 use copilot_workers::crypto::KeyRing;
@@ -45,6 +47,11 @@ pub struct Options {
     pub keys: Option<Arc<KeyRing>>,
     pub allow_loopback: bool,
     pub admin_token: Option<&'static str>,
+    /// Run the service in this process; otherwise only declare the topology (tests then
+    /// start the binary with `spawn_binary`).
+    pub in_process: bool,
+    pub prefetch: u16,
+    pub provider_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -57,6 +64,9 @@ impl Default for Options {
             keys: None,
             allow_loopback: true,
             admin_token: None,
+            in_process: true,
+            prefetch: 50,
+            provider_timeout_secs: 5,
         }
     }
 }
@@ -69,7 +79,9 @@ pub struct Harness {
     pub topology: Topology,
     pub http_addr: std::net::SocketAddr,
     pub worker_names: Vec<String>,
-    database: String,
+    /// The base64 master key of the default ring, for a service started as a binary.
+    pub master_key: String,
+    pub database: String,
     shutdown: CancellationToken,
     service: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     connection: lapin::Connection,
@@ -99,12 +111,12 @@ impl Harness {
             database_url: Some(format!("{PG_SERVER}/{database}")),
             http_addr: Some("127.0.0.1:0".parse().unwrap()),
             topology_prefix: Some(format!("{id}.")),
-            prefetch: Some(50),
+            prefetch: Some(options.prefetch),
             delivery_limit: Some(5),
             workers_dir: Some(options.workers_dir.clone()),
             schemas_dir: Some(options.schemas_dir.clone()),
             allow_loopback_providers: Some(options.allow_loopback),
-            provider_timeout_secs: Some(5),
+            provider_timeout_secs: Some(options.provider_timeout_secs),
             provider_max_attempts: Some(options.max_attempts),
             shutdown_grace_secs: Some(5),
             ..Default::default()
@@ -115,46 +127,64 @@ impl Harness {
             .await
             .expect("migrate test database");
         let store = Store::connect(&settings.database_url, 4).unwrap();
-        let keys = options
-            .keys
-            .clone()
-            .unwrap_or_else(|| Arc::new(KeyRing::generate().unwrap()));
+        let master_key = base64::engine::general_purpose::STANDARD.encode(rand_bytes());
+        let keys = match &options.keys {
+            Some(keys) => keys.clone(),
+            None => Arc::new(KeyRing::parse(&SecretString::from(master_key.clone())).unwrap()),
+        };
         let names: Vec<String> = options.workers.iter().map(|w| w.to_string()).collect();
         let catalog = Catalog::load(&settings.workers_dir, &settings.schemas_dir)
             .unwrap()
             .select(&names)
             .unwrap();
         let shutdown = CancellationToken::new();
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let service = {
-            let settings = settings.clone();
-            let keys = keys.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                copilot_workers::service::run(&settings, keys, catalog, shutdown, Some(started_tx))
-                    .await
-            })
-        };
-        let started = match started_rx.await {
-            Ok(started) => started,
-            Err(_) => panic!("service did not start: {:?}", service.await),
-        };
         let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
         let connection = broker::connect(AMQP_URL, "copilot-workers tests")
             .await
             .unwrap();
         let publisher = Publisher::new(&connection).await.unwrap();
+        let (service, http_addr) = if options.in_process {
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let service = {
+                let settings = settings.clone();
+                let keys = keys.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    copilot_workers::service::run(
+                        &settings,
+                        keys,
+                        catalog,
+                        shutdown,
+                        Some(started_tx),
+                    )
+                    .await
+                })
+            };
+            let started = match started_rx.await {
+                Ok(started) => started,
+                Err(_) => panic!("service did not start: {:?}", service.await),
+            };
+            (Some(service), started.http_addr)
+        } else {
+            let workers: Vec<&str> = names.iter().map(String::as_str).collect();
+            topology
+                .declare(publisher.channel(), &workers)
+                .await
+                .unwrap();
+            (None, "127.0.0.1:0".parse().unwrap())
+        };
         let results = listen(&connection, &topology.results_exchange()).await;
         Harness {
             settings,
             keys,
             store,
             topology,
-            http_addr: started.http_addr,
+            http_addr,
             worker_names: names,
+            master_key,
             database,
             shutdown,
-            service: Some(service),
+            service,
             connection,
             publisher,
             results,
@@ -324,6 +354,142 @@ impl Harness {
         let _ = self.connection.close(200, "test done".into()).await;
         drop_database(&self.database).await;
     }
+}
+
+/// 32 random bytes.
+pub fn rand_bytes() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    for chunk in bytes.chunks_mut(8) {
+        chunk.copy_from_slice(&fastrand::u64(..).to_le_bytes());
+    }
+    bytes
+}
+
+/// The service started as its own process (`copilot-workers run`), output drained.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    pub output: tokio::task::JoinHandle<String>,
+}
+
+impl Binary {
+    pub fn pid(&self) -> String {
+        self.child.id().map(|id| id.to_string()).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+pub type SeenResults = HashMap<String, HashSet<String>>;
+
+impl Harness {
+    /// Starts `copilot-workers run` for this installation as a separate process.
+    pub fn spawn_binary(&self) -> Binary {
+        let s = &self.settings;
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"));
+        command
+            .arg("run")
+            .args(["--workers", &self.worker_names.join(",")])
+            .env("COPILOT_DATABASE_URL", &s.database_url)
+            .env("COPILOT_AMQP_URL", AMQP_URL)
+            .env("COPILOT_MASTER_KEY", &self.master_key)
+            .env("COPILOT_TOPOLOGY_PREFIX", &s.topology_prefix)
+            .env("COPILOT_HTTP_ADDR", "127.0.0.1:0")
+            .env("COPILOT_ALLOW_LOOPBACK_PROVIDERS", "true")
+            .env("COPILOT_PREFETCH", s.prefetch.to_string())
+            .env("COPILOT_DELIVERY_LIMIT", s.delivery_limit.to_string())
+            .env(
+                "COPILOT_PROVIDER_TIMEOUT_SECS",
+                s.provider_timeout.as_secs().to_string(),
+            )
+            .env(
+                "COPILOT_PROVIDER_MAX_ATTEMPTS",
+                s.provider_max_attempts.to_string(),
+            )
+            .env(
+                "COPILOT_SHUTDOWN_GRACE_SECS",
+                s.shutdown_grace.as_secs().to_string(),
+            )
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let output = tokio::spawn(async move {
+            let (mut a, mut b) = (String::new(), String::new());
+            let _ = tokio::join!(
+                tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
+                tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
+            );
+            a + &b
+        });
+        Binary { child, output }
+    }
+
+    /// Collects results into `seen` until every one of `event_ids` has one, for at most
+    /// `wait`; `seen` maps each source event id to the distinct result ids received for it.
+    pub async fn collect(&mut self, seen: &mut SeenResults, event_ids: &[String], wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while event_ids.iter().any(|id| !seen.contains_key(id)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some((result, _)) = self.next_result(left).await else {
+                break;
+            };
+            seen.entry(result.data.source_event_id.clone())
+                .or_default()
+                .insert(result.id.clone());
+        }
+    }
+
+    /// Publishes `n` events for `orgs` (round robin); returns their ids.
+    pub async fn publish_many(&self, tag: &str, n: usize, orgs: &[&str]) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("evt_{tag}_{i}");
+            self.publish(&ticket_event(&id, orgs[i % orgs.len()], "ticket.created"))
+                .await;
+            ids.push(id);
+        }
+        ids
+    }
+}
+
+/// The fault-test promise: every event has exactly one distinct result id, none is missing.
+pub fn assert_exactly_once(event_ids: &[String], seen: &SeenResults) {
+    let missing: Vec<&String> = event_ids
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events have no result, e.g. {:?}",
+        missing.len(),
+        event_ids.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (event, ids) in seen {
+        assert_eq!(
+            ids.len(),
+            1,
+            "event {event} has {} distinct result ids",
+            ids.len()
+        );
+        let expected = copilot_workers::events::result_id(event, "summarize");
+        assert_eq!(ids.iter().next(), Some(&expected));
+    }
+    assert_eq!(
+        seen.len(),
+        event_ids.len(),
+        "results for events never published"
+    );
 }
 
 /// Drops a test database, even with connections left.

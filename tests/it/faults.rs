@@ -1,0 +1,489 @@
+//! Delivery guarantees under faults: every test publishes N ≥ 500 events and checks that each
+//! has exactly one distinct result id and that none is missing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::skeleton::provider_for;
+use crate::support::{
+    Harness, Options, SeenResults, assert_exactly_once, completion, summary_output, ticket_event,
+};
+
+const KEY: &str = "sk-fault-0123456789";
+const N: usize = 500;
+const ORGS: [&str; 10] = [
+    "org_0", "org_1", "org_2", "org_3", "org_4", "org_5", "org_6", "org_7", "org_8", "org_9",
+];
+
+async fn configure_orgs(h: &Harness, url: &str) {
+    for org in ORGS {
+        h.set_org(org, url, KEY).await;
+    }
+}
+
+/// A provider that answers slowly enough for a fault to land mid-run.
+async fn steady_provider(latency: Duration) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(completion(&summary_output("steady")))
+                .set_delay(latency),
+        )
+        .mount(&server)
+        .await;
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_restart_loses_nothing() {
+    let mut h = Harness::with(Options {
+        in_process: false,
+        prefetch: 100,
+        ..Options::default()
+    })
+    .await;
+    let provider = steady_provider(Duration::from_millis(20)).await;
+    configure_orgs(&h, &format!("{}/v1", provider.uri())).await;
+    let ids = h.publish_many("kill", N, &ORGS).await;
+    let mut first = h.spawn_binary();
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids[..N / 4], Duration::from_secs(60))
+        .await;
+    assert!(seen.len() >= N / 4, "the first process made progress");
+    first.signal("-KILL");
+    let _ = first.child.wait().await;
+    let second = h.spawn_binary();
+    h.collect(&mut seen, &ids, Duration::from_secs(90)).await;
+    assert_exactly_once(&ids, &seen);
+    second.signal("-TERM");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero_within_the_grace_period() {
+    let mut h = Harness::with(Options {
+        in_process: false,
+        prefetch: 100,
+        ..Options::default()
+    })
+    .await;
+    let provider = steady_provider(Duration::from_millis(300)).await;
+    configure_orgs(&h, &format!("{}/v1", provider.uri())).await;
+    let ids = h.publish_many("term", N, &ORGS).await;
+    let mut first = h.spawn_binary();
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids[..50], Duration::from_secs(60))
+        .await;
+    let stopping = Instant::now();
+    first.signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), first.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let took = stopping.elapsed();
+    let output = first.output.await.unwrap();
+    assert!(status.success(), "exit status {status:?}\n{output}");
+    assert!(
+        took < h.settings.shutdown_grace + Duration::from_secs(3),
+        "took {took:?}"
+    );
+    assert!(output.contains("draining"), "{output}");
+    let second = h.spawn_binary();
+    h.collect(&mut seen, &ids, Duration::from_secs(120)).await;
+    assert_exactly_once(&ids, &seen);
+    second.signal("-TERM");
+    h.finish().await;
+}
+
+/// Closes this installation's broker connections (and only them) with rabbitmqctl.
+fn close_broker_connections(prefix: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|line| {
+        line.contains(&format!("copilot-workers consume {prefix}"))
+            || line.contains(&format!("copilot-workers publish {prefix}"))
+    }) {
+        let pid = line.split('\t').next().unwrap_or_default();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault test"])
+            .status()
+            .unwrap();
+        closed += usize::from(status.success());
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_closed_mid_run_lose_nothing() {
+    let mut h = Harness::with(Options {
+        prefetch: 100,
+        ..Options::default()
+    })
+    .await;
+    let provider = steady_provider(Duration::from_millis(10)).await;
+    configure_orgs(&h, &format!("{}/v1", provider.uri())).await;
+    let ids = h.publish_many("conn", N, &ORGS).await;
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids[..N / 5], Duration::from_secs(60))
+        .await;
+    let closed = close_broker_connections(&h.settings.topology_prefix);
+    assert_eq!(closed, 2, "both of the service's connections were closed");
+    h.collect(&mut seen, &ids, Duration::from_secs(120)).await;
+    assert_exactly_once(&ids, &seen);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_terminated_mid_run_lose_nothing() {
+    let mut h = Harness::with(Options {
+        prefetch: 100,
+        ..Options::default()
+    })
+    .await;
+    let provider = steady_provider(Duration::from_millis(10)).await;
+    configure_orgs(&h, &format!("{}/v1", provider.uri())).await;
+    let ids = h.publish_many("pg", N, &ORGS).await;
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids[..N / 5], Duration::from_secs(60))
+        .await;
+    let (admin, driver) = tokio_postgres::connect(
+        &format!("{}/postgres", crate::support::PG_SERVER),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(driver);
+    let mut terminated = 0;
+    for _ in 0..3 {
+        let rows = admin
+            .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&h.database])
+            .await
+            .unwrap();
+        terminated += rows.len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        terminated > 0,
+        "some of the worker's connections were terminated"
+    );
+    h.collect(&mut seen, &ids, Duration::from_secs(120)).await;
+    assert_exactly_once(&ids, &seen);
+    h.finish().await;
+}
+
+/// Cycles through the ways a provider misbehaves, then answers.
+struct Chaos {
+    calls: AtomicUsize,
+}
+
+impl Respond for Chaos {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        // Half the answers are failures of one kind or another.
+        match self.calls.fetch_add(1, Ordering::SeqCst) % 10 {
+            0 => ResponseTemplate::new(500),
+            2 => ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            4 => ResponseTemplate::new(200)
+                .set_body_json(completion(&summary_output("slow")))
+                .set_delay(Duration::from_millis(1500)),
+            6 => ResponseTemplate::new(200).set_body_string("<html>502 Bad Gateway</html>"),
+            8 => ResponseTemplate::new(503).insert_header("retry-after-ms", "200"),
+            _ => ResponseTemplate::new(200).set_body_json(completion(&summary_output("finally"))),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chaos_provider_yields_exactly_one_result_per_event() {
+    let mut h = Harness::with(Options {
+        prefetch: 200,
+        max_attempts: 8,
+        provider_timeout_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(Chaos {
+            calls: AtomicUsize::new(0),
+        })
+        .mount(&server)
+        .await;
+    configure_orgs(&h, &format!("{}/v1", server.uri())).await;
+    let ids = h.publish_many("chaos", N, &ORGS).await;
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids, Duration::from_secs(240)).await;
+    assert_exactly_once(&ids, &seen);
+    let retries = h
+        .counter("copilot_provider_retries_total{class=\"provider_unavailable\"}")
+        .await
+        + h.counter("copilot_provider_retries_total{class=\"provider_rate_limited\"}")
+            .await;
+    assert!(retries > 0.0, "the chaos was retried");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_is_called_once_for_an_event_delivered_three_times() {
+    let mut h = Harness::start().await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(completion(&summary_output("once")))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .mount(&server)
+        .await;
+    h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
+        .await;
+    let event = ticket_event("evt_thrice", "org_a", "ticket.created");
+    for _ in 0..3 {
+        h.publish(&event).await;
+    }
+    let results = h.results(3, Duration::from_secs(20)).await;
+    assert!(
+        results.iter().all(|r| r.id == results[0].id),
+        "the same result id each time"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| r.data.output == results[0].data.output)
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    // And once more, later, from the ledger.
+    h.publish(&event).await;
+    let again = h.results(1, Duration::from_secs(20)).await;
+    assert_eq!(again[0].id, results[0].id);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_provider_does_not_delay_other_orgs() {
+    let mut h = Harness::with(Options {
+        prefetch: 100,
+        provider_timeout_secs: 3,
+        ..Options::default()
+    })
+    .await;
+    let hanging = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(completion(&summary_output("late")))
+                .set_delay(Duration::from_secs(60)),
+        )
+        .mount(&hanging)
+        .await;
+    let healthy = provider_for(KEY, &summary_output("on time")).await;
+    let mut slow = crate::support::org_config(
+        &h.keys,
+        "org_slow",
+        copilot_workers::provider::Profile::Openai,
+        &format!("{}/v1", hanging.uri()),
+        Some(KEY),
+    );
+    slow.max_concurrency = Some(4);
+    h.set_config(slow).await;
+    h.set_org("org_fast", &format!("{}/v1", healthy.uri()), KEY)
+        .await;
+    for n in 0..150 {
+        h.publish(&ticket_event(
+            &format!("evt_slow_{n}"),
+            "org_slow",
+            "ticket.created",
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    for n in 0..30 {
+        h.publish(&ticket_event(
+            &format!("evt_fast_{n}"),
+            "org_fast",
+            "ticket.created",
+        ))
+        .await;
+    }
+    let mut fast = 0;
+    while fast < 30 {
+        let (result, _) = h
+            .next_result(Duration::from_secs(10))
+            .await
+            .expect("org_fast's results keep coming");
+        if result.data.org_id == "org_fast" {
+            assert!(result.is_completed());
+            fast += 1;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "org_fast took {:?}",
+        started.elapsed()
+    );
+    let deferred = h
+        .counter("copilot_events_parked_total{worker=\"summarize\",reason=\"org_busy\"}")
+        .await;
+    assert!(deferred > 0.0, "org_slow's excess was deferred, not held");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() {
+    let mut h = Harness::start().await;
+    let provider = provider_for(KEY, &summary_output("good")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    let good = ticket_event("evt_ok", "org_acme", "ticket.created");
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut value = good.clone();
+        f(&mut value);
+        value.to_string().into_bytes()
+    };
+    let huge = with(&|v| v["data"]["ticket"]["messages"][0]["body"] = json!("x".repeat(1_100_000)));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("not_json", b"{this is not json".to_vec(), None),
+        ("not_utf8", vec![0x7b, 0xff, 0xfe, 0x7d], None),
+        ("not_object", b"[1, 2, 3]".to_vec(), None),
+        (
+            "wrong_specversion",
+            with(&|v| v["specversion"] = json!("0.3")),
+            None,
+        ),
+        (
+            "missing_field",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("id");
+            }),
+            None,
+        ),
+        (
+            "missing_field",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("source");
+            }),
+            None,
+        ),
+        (
+            "missing_field",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("type");
+            }),
+            None,
+        ),
+        (
+            "missing_field",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("data");
+            }),
+            None,
+        ),
+        (
+            "unknown_type",
+            with(&|v| v["type"] = json!("ticket.deleted")),
+            None,
+        ),
+        (
+            "missing_org",
+            with(&|v| {
+                v["data"].as_object_mut().unwrap().remove("org_id");
+            }),
+            None,
+        ),
+        (
+            "missing_org",
+            with(&|v| v["data"]["org_id"] = json!("  ")),
+            None,
+        ),
+        (
+            "missing_ticket",
+            with(&|v| {
+                v["data"].as_object_mut().unwrap().remove("ticket");
+            }),
+            None,
+        ),
+        (
+            "missing_ticket",
+            with(&|v| v["data"]["ticket"] = json!("T-1")),
+            None,
+        ),
+        (
+            "invalid_field",
+            with(&|v| v["data"]["ticket"]["tags"] = json!("billing")),
+            None,
+        ),
+        (
+            "invalid_field",
+            with(&|v| v["data"]["ticket"]["messages"] = json!({"m1": "hi"})),
+            None,
+        ),
+        ("invalid_field", with(&|v| v["id"] = json!(42)), None),
+        (
+            "missing_field",
+            with(&|v| v["data"]["ticket"]["id"] = json!("")),
+            None,
+        ),
+        ("oversized", huge, None),
+        (
+            "wrong_content_type",
+            good.to_string().into_bytes(),
+            Some("text/plain"),
+        ),
+        ("not_json", Vec::new(), None),
+    ];
+    for (_, body, content_type) in &cases {
+        h.publish_raw(
+            body,
+            "ticket.created",
+            Some(content_type.unwrap_or("application/cloudevents+json")),
+        )
+        .await;
+    }
+    h.publish(&good).await;
+    let results = h.results(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        results[0].data.source_event_id, "evt_ok",
+        "the worker keeps running"
+    );
+    let dead = h
+        .wait_dead_letters(cases.len(), Duration::from_secs(20))
+        .await;
+    let mut got: Vec<String> = dead
+        .iter()
+        .map(|d| crate::support::header(d, "x-copilot-reason").unwrap_or_default())
+        .collect();
+    let mut expected: Vec<String> = cases
+        .iter()
+        .map(|(reason, _, _)| reason.to_string())
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert!(
+        dead.iter()
+            .all(|d| crate::support::header(d, "x-copilot-error").is_some_and(|e| !e.is_empty()))
+    );
+    for (reason, _, _) in &cases {
+        let line = format!(
+            "copilot_events_dead_lettered_total{{worker=\"summarize\",reason=\"{reason}\"}}"
+        );
+        assert!(h.counter(&line).await >= 1.0, "{line}");
+    }
+    // Nothing loops: the input queue is empty once the service has stopped.
+    h.stop_service().await;
+    assert_eq!(
+        h.queue_depth(&h.topology.worker_queue("summarize")).await,
+        0
+    );
+    h.finish().await;
+}
