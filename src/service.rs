@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
-use lapin::ConnectionStatus;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{self, Consumer, Publisher, Topology};
+use crate::broker::{Consumer, Link, Publisher, Topology};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
 use crate::pipeline::Pipeline;
@@ -23,8 +22,8 @@ use crate::workers::Catalog;
 
 /// What `/readyz` checks.
 struct ServiceReadiness {
-    consuming: ConnectionStatus,
-    publishing: ConnectionStatus,
+    consuming: Arc<Link>,
+    publishing: Arc<Link>,
     store: Store,
     running: Arc<AtomicUsize>,
     expected: usize,
@@ -67,34 +66,32 @@ pub async fn run(
     let store = Store::connect(&settings.database_url, 32)?;
     check_database(&store, &keys).await?;
     let instance = instance_id();
-    let consuming = Arc::new(
-        broker::connect(
-            &settings.amqp_url,
-            &format!(
-                "copilot-workers consume {}{instance}",
-                settings.topology_prefix
-            ),
-        )
-        .await
-        .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?,
-    );
-    let publishing = broker::connect(
-        &settings.amqp_url,
-        &format!(
-            "copilot-workers publish {}{instance}",
+    let link = |role: &str| {
+        let name = format!(
+            "copilot-workers {role} {}{instance}",
             settings.topology_prefix
-        ),
-    )
-    .await
-    .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
-    let publisher = Publisher::new(&publishing).await?;
+        );
+        async move {
+            Link::open(&settings.amqp_url, &name)
+                .await
+                .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")
+        }
+    };
+    // Separate connections: a broker blocking publishers (memory alarm) must not stop acks.
+    let consuming = link("consume").await?;
+    let publishing = link("publish").await?;
+    let publisher = Publisher::new(publishing.clone()).await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
     topology
-        .declare(publisher.channel(), &names)
+        .declare(&publisher.channel().await, &names)
         .await
         .context("cannot declare the RabbitMQ topology")?;
 
+    let background = CancellationToken::new();
+    // Stops the config listener however this function returns.
+    let _background_guard = background.clone().drop_guard();
+    tokio::spawn(report_config_health(store.clone(), background.clone()));
     let provider = ProviderClient::new(settings.endpoint_policy)?;
     let admin = match &settings.admin_token {
         Some(token) => {
@@ -104,9 +101,6 @@ pub async fn run(
         None => axum::Router::new(),
     };
     let abandon = CancellationToken::new();
-    let background = CancellationToken::new();
-    // Stops the config listener however this function returns.
-    let _background_guard = background.clone().drop_guard();
     let configs = ConfigCache::start(
         store.clone(),
         settings.database_url.clone(),
@@ -132,8 +126,8 @@ pub async fn run(
 
     let running = Arc::new(AtomicUsize::new(0));
     let readiness = Arc::new(ServiceReadiness {
-        consuming: consuming.status().clone(),
-        publishing: publishing.status().clone(),
+        consuming: consuming.clone(),
+        publishing: publishing.clone(),
         store: store.clone(),
         running: running.clone(),
         expected: catalog.all().len(),
@@ -191,8 +185,8 @@ pub async fn run(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), deliveries.wait()).await;
     }
     // Closing the connections hands any unacked delivery back to the broker.
-    let _ = consuming.close(200, "shutdown".into()).await;
-    let _ = publishing.close(200, "shutdown".into()).await;
+    consuming.close().await;
+    publishing.close().await;
     http_shutdown.cancel();
     let _ = http.await;
     tracing::info!("stopped");
@@ -226,4 +220,18 @@ fn instance_id() -> String {
     let mut bytes = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Refreshes the config-health gauges every 30 s until `stop`.
+async fn report_config_health(store: Store, stop: CancellationToken) {
+    loop {
+        if let Ok((total, unhealthy)) = store.config_health_counts().await {
+            metrics::gauge!(telemetry::ORG_CONFIGS).set(total as f64);
+            metrics::gauge!(telemetry::ORG_CONFIGS_UNHEALTHY).set(unhealthy as f64);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
 }

@@ -34,6 +34,8 @@ pub const TOKENS: &str = "copilot_tokens_total";
 pub const CONFIG_CACHE_HITS: &str = "copilot_config_cache_hits_total";
 pub const CONFIG_CACHE_MISSES: &str = "copilot_config_cache_misses_total";
 pub const CONFIG_CACHE_INVALIDATIONS: &str = "copilot_config_cache_invalidations_total";
+pub const ORG_CONFIGS: &str = "copilot_org_configs";
+pub const ORG_CONFIGS_UNHEALTHY: &str = "copilot_org_configs_unhealthy";
 
 fn describe() {
     describe_counter!(
@@ -94,6 +96,14 @@ fn describe() {
     describe_counter!(
         CONFIG_CACHE_INVALIDATIONS,
         "Cache entries dropped because Postgres announced a config change."
+    );
+    describe_gauge!(
+        ORG_CONFIGS,
+        "Org provider configs stored (read every 30 s)."
+    );
+    describe_gauge!(
+        ORG_CONFIGS_UNHEALTHY,
+        "Org provider configs marked unhealthy by a permanent provider error (read every 30 s)."
     );
 }
 

@@ -15,6 +15,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+
+use super::Link;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,7 +31,7 @@ impl Consumer {
     /// `running` counts consumers that are attached right now (readiness).
     pub async fn run<H, Fut>(
         self,
-        connection: &Connection,
+        link: &Link,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
         running: Arc<AtomicUsize>,
@@ -39,10 +41,14 @@ impl Consumer {
         Fut: Future<Output = ()> + Send + 'static,
     {
         while !shutdown.is_cancelled() {
-            match self.attach(connection).await {
+            let connection = tokio::select! {
+                () = shutdown.cancelled() => return,
+                connection = link.connection() => connection,
+            };
+            match self.attach(&connection).await {
                 Ok((channel, consumer)) => {
                     running.fetch_add(1, Ordering::SeqCst);
-                    self.pump(&channel, consumer, tracker, &shutdown, &handle)
+                    self.pump(&channel, consumer, tracker, &shutdown, &running, &handle)
                         .await;
                     running.fetch_sub(1, Ordering::SeqCst);
                     if shutdown.is_cancelled() {
@@ -88,6 +94,7 @@ impl Consumer {
         mut consumer: lapin::Consumer,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
+        running: &AtomicUsize,
         handle: &H,
     ) where
         H: Fn(Delivery) -> Fut,
@@ -109,7 +116,11 @@ impl Consumer {
                     }
                     Some(Err(err)) => {
                         tracing::warn!(queue = %self.queue, error = %err, "consumer interrupted; waiting for recovery");
-                        if let Err(err) = channel.wait_for_recovery(err).await {
+                        // Not ready while the connection recovers.
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        let recovered = channel.wait_for_recovery(err).await;
+                        running.fetch_add(1, Ordering::SeqCst);
+                        if let Err(err) = recovered {
                             tracing::warn!(queue = %self.queue, error = %err, "recovery failed; re-attaching");
                             return;
                         }

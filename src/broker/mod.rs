@@ -2,10 +2,12 @@
 //! confirmed publisher.
 
 pub mod consumer;
+pub mod link;
 pub mod publisher;
 pub mod topology;
 
 pub use consumer::Consumer;
+pub use link::Link;
 pub use publisher::{Outgoing, PublishError, Publisher};
 pub use topology::Topology;
 
@@ -15,8 +17,16 @@ use lapin::{Connection, ConnectionProperties};
 /// consumers) after a network failure or a forced close.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     crate::install_crypto_provider();
+    // Recovery never gives up (lapin's default stops after 16 attempts): a broker that is down
+    // for an hour is reconnected to when it returns, every 5 s at most.
+    let reconnect = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
     let properties = ConnectionProperties::default()
         .with_connection_name(name.into())
+        .with_backoff(reconnect)
         .enable_auto_recover();
     Connection::connect(url, properties).await
 }

@@ -9,6 +9,10 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::Arc;
+use tokio::sync::RwLock;
+
+use super::Link;
 
 /// Times one message is tried before the caller is told.
 const PUBLISH_ATTEMPTS: u32 = 8;
@@ -59,24 +63,47 @@ impl<'a> Outgoing<'a> {
     }
 }
 
-/// A channel in confirm mode, shared by all tasks of a process.
+/// A channel in confirm mode, shared by all tasks of a process; replaced by a new one (on a
+/// new connection if need be) when it cannot be recovered.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    link: Arc<Link>,
+    channel: Arc<RwLock<Channel>>,
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 impl Publisher {
-    pub async fn new(connection: &Connection) -> Result<Publisher, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Publisher { channel })
+    pub async fn new(link: Arc<Link>) -> Result<Publisher, lapin::Error> {
+        let channel = confirm_channel(&*link.connection().await).await?;
+        Ok(Publisher {
+            link,
+            channel: Arc::new(RwLock::new(channel)),
+        })
     }
 
     /// The channel, to declare topology on.
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    pub async fn channel(&self) -> Channel {
+        self.channel.read().await.clone()
+    }
+
+    /// Replaces the channel after an unrecoverable failure.
+    async fn renew(&self, failed: &Channel) {
+        let mut slot = self.channel.write().await;
+        if slot.id() != failed.id() || slot.status().connected() {
+            return; // someone else renewed it already
+        }
+        let connection = self.link.connection().await;
+        match confirm_channel(&connection).await {
+            Ok(channel) => *slot = channel,
+            Err(err) => tracing::warn!(error = %err, "cannot open a new publishing channel yet"),
+        }
     }
 
     /// Publishes persistently and waits until the broker has confirmed it.
@@ -92,8 +119,8 @@ impl Publisher {
             if let Some(id) = message.message_id {
                 properties = properties.with_message_id(id.into());
             }
-            let sent = self
-                .channel
+            let channel = self.channel().await;
+            let sent = channel
                 .basic_publish(
                     message.exchange.into(),
                     message.routing_key.into(),
@@ -129,11 +156,9 @@ impl Publisher {
                         return Err(err.into());
                     }
                     tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
-                    if let Err(err) = self.channel.wait_for_recovery(err).await {
+                    if channel.wait_for_recovery(err).await.is_err() {
+                        self.renew(&channel).await;
                         tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
-                        if attempt >= PUBLISH_ATTEMPTS {
-                            return Err(err.into());
-                        }
                     }
                 }
             }

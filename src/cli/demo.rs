@@ -126,11 +126,11 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     // Start from a clean slate, in case an earlier demo was interrupted.
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
-    let admin = broker::connect(&settings.amqp_url, "copilot-workers demo")
+    let admin = broker::Link::open(&settings.amqp_url, "copilot-workers demo")
         .await
         .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
-    let publisher = Publisher::new(&admin).await?;
-    topology.delete(publisher.channel(), &names).await?;
+    let publisher = Publisher::new(admin.clone()).await?;
+    topology.delete(&publisher.channel().await, &names).await?;
 
     let shutdown = CancellationToken::new();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -154,7 +154,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         started.http_addr
     );
 
-    let (_tap_channel, mut consumer) = broker::tap(&admin, &topology.results_exchange()).await?;
+    let (_tap_channel, mut consumer) =
+        broker::tap(&*admin.connection().await, &topology.results_exchange()).await?;
 
     let mut expected = 0;
     let mut subjects = BTreeMap::new();
@@ -225,8 +226,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     shutdown.cancel();
     service.await.context("service task failed")??;
-    topology.delete(publisher.channel(), &names).await?;
-    let _ = admin.close(200, "demo done".into()).await;
+    topology.delete(&publisher.channel().await, &names).await?;
+    admin.close().await;
     if count < expected {
         anyhow::bail!("only {count} of {expected} results arrived within 60 s");
     }

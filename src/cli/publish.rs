@@ -32,8 +32,8 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
             args.file.display()
         ),
     };
-    let connection = broker::connect(&settings.amqp_url, "copilot-workers publish-cli").await?;
-    let publisher = Publisher::new(&connection).await?;
+    let link = broker::Link::open(&settings.amqp_url, "copilot-workers publish-cli").await?;
+    let publisher = Publisher::new(link.clone()).await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let exchange = topology.events_exchange();
     let mut message = Outgoing::new(&exchange, &routing_key, &body);
@@ -47,6 +47,6 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
         "published {} to {exchange} with routing key {routing_key}",
         args.file.display()
     );
-    let _ = connection.close(200, "done".into()).await;
+    link.close().await;
     Ok(())
 }

@@ -297,3 +297,17 @@ impl Store {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 }
+
+impl Store {
+    /// (configs stored, configs unhealthy), for the gauges.
+    pub async fn config_health_counts(&self) -> Result<(i64, i64), StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE NOT healthy) FROM provider_configs",
+                &[],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+}

@@ -9,12 +9,19 @@ use super::StoreError;
 
 refinery::embed_migrations!("migrations");
 
+/// The advisory lock key that serializes migrations ("copilot" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0063_6f70_696c_6f74;
+
 /// Creates the target database if it does not exist, then applies pending migrations.
 /// Returns the names of the migrations applied by this call.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
     ensure_database(database_url).await?;
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     let driver = tokio::spawn(connection);
+    // Replicas and jobs may migrate at once: the second waits here, then finds nothing to do.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     let report = migrations::runner()
         .set_abort_divergent(true)
         .run_async(&mut client)

@@ -101,7 +101,7 @@ async fn sigterm_drains_and_exits_zero_within_the_grace_period() {
 }
 
 /// Closes this installation's broker connections (and only them) with rabbitmqctl.
-fn close_broker_connections(prefix: &str) -> usize {
+pub fn close_broker_connections(prefix: &str) -> usize {
     let listing = std::process::Command::new("rabbitmqctl")
         .args(["list_connections", "-q", "pid", "client_properties"])
         .output()

@@ -196,7 +196,10 @@ async fn the_api_key_appears_nowhere() {
     assert!(up, "the service became ready");
 
     let connection = broker::connect(AMQP_URL, "leak test").await.unwrap();
-    let publisher = Publisher::new(&connection).await.unwrap();
+    let publishing = broker::Link::open(AMQP_URL, "leak test publish")
+        .await
+        .unwrap();
+    let publisher = Publisher::new(publishing).await.unwrap();
     let topology = Topology::new(&prefix, 10);
     let (_tap, mut results) = broker::tap(&connection, &topology.results_exchange())
         .await

@@ -4,6 +4,7 @@
 mod byok;
 mod faults;
 mod leak;
+mod ops;
 mod skeleton;
 mod support;
 mod workers;

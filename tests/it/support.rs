@@ -50,6 +50,10 @@ pub struct Options {
     /// Run the service in this process; otherwise only declare the topology (tests then
     /// start the binary with `spawn_binary`).
     pub in_process: bool,
+    /// The broker (and vhost) to use.
+    pub amqp_url: String,
+    /// Exchange and queue prefix; unique to the test when `None`.
+    pub topology_prefix: Option<String>,
     pub prefetch: u16,
     pub provider_timeout_secs: u64,
 }
@@ -65,6 +69,8 @@ impl Default for Options {
             allow_loopback: true,
             admin_token: None,
             in_process: true,
+            amqp_url: AMQP_URL.to_owned(),
+            topology_prefix: None,
             prefetch: 50,
             provider_timeout_secs: 5,
         }
@@ -104,15 +110,18 @@ impl Harness {
     }
 
     pub async fn with(options: Options) -> Harness {
+        if std::env::var_os("COPILOT_TEST_LOG").is_some() {
+            copilot_workers::telemetry::init_tracing(copilot_workers::config::LogFormat::Human);
+        }
         let id = unique("cwit");
         let database = id.clone();
         let args = SettingsArgs {
-            amqp_url: Some(AMQP_URL.into()),
+            amqp_url: Some(options.amqp_url.clone()),
             database_url: Some(format!("{PG_SERVER}/{database}")),
             http_addr: Some("127.0.0.1:0".parse().unwrap()),
-            topology_prefix: Some(format!("{id}.")),
+            topology_prefix: Some(options.topology_prefix.clone().unwrap_or(format!("{id}."))),
             prefetch: Some(options.prefetch),
-            delivery_limit: Some(5),
+            delivery_limit: Some(10),
             workers_dir: Some(options.workers_dir.clone()),
             schemas_dir: Some(options.schemas_dir.clone()),
             allow_loopback_providers: Some(options.allow_loopback),
@@ -139,10 +148,13 @@ impl Harness {
             .unwrap();
         let shutdown = CancellationToken::new();
         let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
-        let connection = broker::connect(AMQP_URL, "copilot-workers tests")
+        let connection = broker::connect(&options.amqp_url, "copilot-workers tests")
             .await
             .unwrap();
-        let publisher = Publisher::new(&connection).await.unwrap();
+        let publishing = broker::Link::open(&options.amqp_url, "copilot-workers tests publish")
+            .await
+            .unwrap();
+        let publisher = Publisher::new(publishing).await.unwrap();
         let (service, http_addr) = if options.in_process {
             let (started_tx, started_rx) = tokio::sync::oneshot::channel();
             let service = {
@@ -168,7 +180,7 @@ impl Harness {
         } else {
             let workers: Vec<&str> = names.iter().map(String::as_str).collect();
             topology
-                .declare(publisher.channel(), &workers)
+                .declare(&publisher.channel().await, &workers)
                 .await
                 .unwrap();
             (None, "127.0.0.1:0".parse().unwrap())
@@ -219,6 +231,13 @@ impl Harness {
             Some("application/cloudevents+json"),
         )
         .await;
+    }
+
+    pub async fn publish_message(&self, message: &Outgoing<'_>) {
+        self.publisher
+            .publish(message)
+            .await
+            .expect("publish test message");
     }
 
     pub async fn publish_raw(&self, body: &[u8], routing_key: &str, content_type: Option<&str>) {
@@ -350,7 +369,10 @@ impl Harness {
     pub async fn finish(mut self) {
         self.stop_service().await;
         let names: Vec<&str> = self.worker_names.iter().map(String::as_str).collect();
-        let _ = self.topology.delete(self.publisher.channel(), &names).await;
+        let _ = self
+            .topology
+            .delete(&self.publisher.channel().await, &names)
+            .await;
         let _ = self.connection.close(200, "test done".into()).await;
         drop_database(&self.database).await;
     }
@@ -396,7 +418,7 @@ impl Harness {
             .arg("run")
             .args(["--workers", &self.worker_names.join(",")])
             .env("COPILOT_DATABASE_URL", &s.database_url)
-            .env("COPILOT_AMQP_URL", AMQP_URL)
+            .env("COPILOT_AMQP_URL", &s.amqp_url)
             .env("COPILOT_MASTER_KEY", &self.master_key)
             .env("COPILOT_TOPOLOGY_PREFIX", &s.topology_prefix)
             .env("COPILOT_HTTP_ADDR", "127.0.0.1:0")

@@ -1,0 +1,297 @@
+//! What operators see: metrics that move by exactly what happened, readiness that follows the
+//! broker, trace context passed through, and a metrics page Prometheus' own tool accepts.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+use crate::faults::close_broker_connections;
+use crate::skeleton::provider_for;
+use crate::support::{AMQP_URL, Harness, Options, summary_output, ticket_event, unique};
+
+const KEY: &str = "sk-ops-0123456789";
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_counter_moves_by_exactly_what_happened() {
+    let mut h = Harness::start().await;
+    let provider = provider_for(KEY, &summary_output("counted")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    for n in 0..3 {
+        h.publish(&ticket_event(
+            &format!("evt_ok_{n}"),
+            "org_acme",
+            "ticket.created",
+        ))
+        .await;
+    }
+    for n in 0..2 {
+        h.publish(&ticket_event(
+            &format!("evt_skip_{n}"),
+            "org_nobody",
+            "ticket.message_added",
+        ))
+        .await;
+    }
+    for _ in 0..4 {
+        h.publish_raw(b"not json", "ticket.created", None).await;
+    }
+    h.results(3, WAIT).await;
+    h.wait_dead_letters(4, WAIT).await;
+    let skipped = "copilot_events_skipped_total{worker=\"summarize\",reason=\"no_config\"}";
+    h.eventually(WAIT, "the skips", || async {
+        h.counter(skipped).await == 2.0
+    })
+    .await;
+    let page = h.metrics().await;
+    let value = |line: &str| crate::support::metric_value(&page, line);
+    let expected = [
+        (
+            "copilot_events_received_total{worker=\"summarize\",type=\"ticket.created\"}",
+            3.0,
+        ),
+        (
+            "copilot_events_received_total{worker=\"summarize\",type=\"ticket.message_added\"}",
+            2.0,
+        ),
+        (
+            "copilot_events_skipped_total{worker=\"summarize\",reason=\"no_config\"}",
+            2.0,
+        ),
+        (
+            "copilot_events_dead_lettered_total{worker=\"summarize\",reason=\"not_json\"}",
+            4.0,
+        ),
+        (
+            "copilot_results_published_total{worker=\"summarize\",outcome=\"completed\"}",
+            3.0,
+        ),
+        (
+            "copilot_provider_requests_total{profile=\"openai\",outcome=\"ok\",status_class=\"2xx\"}",
+            3.0,
+        ),
+        (
+            "copilot_tokens_total{worker=\"summarize\",kind=\"prompt\"}",
+            360.0,
+        ),
+        (
+            "copilot_tokens_total{worker=\"summarize\",kind=\"completion\"}",
+            120.0,
+        ),
+        (
+            "copilot_worker_overhead_seconds_count{worker=\"summarize\"}",
+            3.0,
+        ),
+        (
+            "copilot_provider_latency_seconds_count{profile=\"openai\"}",
+            3.0,
+        ),
+        ("copilot_events_in_flight", 0.0),
+    ];
+    for (line, want) in expected {
+        assert_eq!(value(line), want, "{line}\n{page}");
+    }
+    assert_eq!(
+        value("copilot_results_published_total{worker=\"summarize\",outcome=\"failed\"}"),
+        0.0
+    );
+    assert!(
+        !page.contains("org_acme") && !page.contains("org_nobody"),
+        "no org id in labels"
+    );
+    assert!(
+        page.contains("# HELP copilot_worker_overhead_seconds"),
+        "metrics are described"
+    );
+    h.finish().await;
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .arg("-q")
+        .status()
+        .unwrap();
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_broker_connection() {
+    // A vhost of its own, so blocking reconnections here cannot disturb other tests.
+    let vhost = unique("cwvhost");
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let url = AMQP_URL.replace("%2f", &vhost);
+    let h = Harness::with(Options {
+        amqp_url: url,
+        ..Options::default()
+    })
+    .await;
+    let ready = format!("http://{}/readyz", h.http_addr);
+    let status = || async {
+        reqwest::get(&ready)
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(status().await, 200);
+
+    rabbitmqctl(&["set_vhost_limits", "-p", &vhost, "{\"max-connections\": 0}"]);
+    assert_eq!(close_broker_connections(&h.settings.topology_prefix), 2);
+    h.eventually(WAIT, "/readyz to turn 503", || async {
+        status().await == 503
+    })
+    .await;
+    let body = reqwest::get(&ready).await.unwrap().text().await.unwrap();
+    assert!(body.contains("broker"), "{body}");
+    assert_eq!(
+        reqwest::get(format!("http://{}/healthz", h.http_addr))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    rabbitmqctl(&[
+        "set_vhost_limits",
+        "-p",
+        &vhost,
+        "{\"max-connections\": -1}",
+    ]);
+    h.eventually(Duration::from_secs(90), "/readyz to recover", || async {
+        status().await == 200
+    })
+    .await;
+    h.finish().await;
+    rabbitmqctl(&["delete_vhost", &vhost]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_travels_from_the_event_to_its_result() {
+    let mut h = Harness::start().await;
+    let provider = provider_for(KEY, &summary_output("traced")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = ticket_event("evt_traced", "org_acme", "ticket.created").to_string();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(LongString::from(traceparent.as_bytes().to_vec())),
+    );
+    let exchange = h.topology.events_exchange();
+    let mut message =
+        copilot_workers::broker::Outgoing::new(&exchange, "ticket.created", body.as_bytes());
+    message.headers = headers;
+    h.publish_message(&message).await;
+    let (_, delivery) = h.next_result(WAIT).await.expect("a result");
+    let carried =
+        crate::support::header(&delivery, "traceparent").expect("traceparent on the result");
+    assert_eq!(
+        &carried[3..35],
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "same trace id"
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_page_passes_promtool() {
+    let available = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !available {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have promtool (Debian's prometheus package)"
+        );
+        eprintln!("promtool is not installed here; `apt-get install prometheus` to run this check");
+        return;
+    }
+    let mut h = Harness::start().await;
+    let provider = provider_for(KEY, &summary_output("scraped")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    h.publish(&ticket_event("evt_scrape", "org_acme", "ticket.created"))
+        .await;
+    h.publish_raw(b"nope", "ticket.created", None).await;
+    h.results(1, WAIT).await;
+    h.wait_dead_letters(1, WAIT).await;
+    let page = h.metrics().await;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), page.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && report.trim().is_empty(),
+        "promtool: {report}"
+    );
+    let rules = std::process::Command::new("promtool")
+        .args(["check", "rules", "ops/prometheus/alerts.yml"])
+        .output()
+        .unwrap();
+    assert!(
+        rules.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rabbitmq_definitions_match_what_the_service_declares() {
+    // Load ops/rabbitmq/definitions.json into a vhost of its own, then start the service there
+    // without a prefix: any argument that differs makes its declarations fail.
+    let vhost = unique("cwdefs");
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let text = std::fs::read_to_string("ops/rabbitmq/definitions.json").unwrap();
+    let mut defs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["users", "permissions", "vhosts"] {
+        defs.as_object_mut().unwrap().remove(key);
+    }
+    for key in ["exchanges", "queues", "bindings"] {
+        for item in defs[key].as_array_mut().unwrap() {
+            item["vhost"] = serde_json::json!(vhost);
+        }
+    }
+    let path = std::env::temp_dir().join(format!("{vhost}.json"));
+    std::fs::write(&path, defs.to_string()).unwrap();
+    rabbitmqctl(&["import_definitions", path.to_str().unwrap()]);
+    let url = AMQP_URL.replace("%2f", &vhost);
+    let workers = vec![
+        "summarize",
+        "triage",
+        "sentiment",
+        "language",
+        "reply_draft",
+    ];
+    let mut h = Harness::with(Options {
+        amqp_url: url,
+        topology_prefix: Some(String::new()),
+        workers,
+        ..Options::default()
+    })
+    .await;
+    let provider = provider_for(KEY, &summary_output("preloaded")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    let mut config = h.store.provider_config("org_acme").await.unwrap().unwrap();
+    config.enabled_workers = Some(vec!["summarize".into()]);
+    h.set_config(config).await;
+    h.publish(&ticket_event("evt_defs", "org_acme", "ticket.created"))
+        .await;
+    assert!(h.results(1, WAIT).await[0].is_completed());
+    h.finish().await;
+    rabbitmqctl(&["delete_vhost", &vhost]);
+    let _ = std::fs::remove_file(path);
+}
