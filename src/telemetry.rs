@@ -116,8 +116,19 @@ pub fn metrics_handle() -> PrometheusHandle {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0, 60.0,
             ];
+            // The worker's own overhead is small; finer buckets let p50/p99 be read from them.
+            let overhead_buckets = [
+                0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005,
+                0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&buckets)
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(WORKER_OVERHEAD.to_owned()),
+                        &overhead_buckets,
+                    )
+                })
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {
@@ -132,6 +143,12 @@ pub fn metrics_handle() -> PrometheusHandle {
             }
         })
         .clone()
+}
+
+/// Records the worker's own time for one event (time in the worker minus provider wait).
+pub fn record_overhead(worker: &str, overhead: std::time::Duration) {
+    metrics::histogram!(WORKER_OVERHEAD, "worker" => worker.to_owned())
+        .record(overhead.as_secs_f64());
 }
 
 /// Sets up logging; `RUST_LOG` chooses levels (default `info`).

@@ -94,6 +94,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let fake = FakeProvider::start(FakeBehaviour {
         latency: Duration::from_millis(args.latency_ms),
         expected_key: Some(demo_key.to_owned()),
+        chaos: false,
     })
     .await?;
     println!(

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand.
 
-mod demo;
+mod bench;
+pub mod demo;
 mod keys;
 mod migrate;
 mod org;
@@ -39,6 +40,8 @@ pub enum Command {
     Publish(publish::PublishArgs),
     /// The whole loop on this machine with a built-in fake provider; no API key needed.
     Demo(demo::DemoArgs),
+    /// Measure throughput, overhead, memory and CPU against the broker's own limit.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a parsed command line and turns its outcome into an exit code.
@@ -72,5 +75,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(command) => keys::run(&settings, command).await,
         Command::Publish(args) => publish::run(&settings, args).await,
         Command::Demo(args) => demo::run(settings, args).await,
+        Command::Bench(args) => bench::run(settings, args).await,
     }
 }

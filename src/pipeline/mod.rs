@@ -274,8 +274,7 @@ impl Pipeline {
             self.ack(worker, delivery).await;
         }
         let overhead = started.elapsed().saturating_sub(spent.provider_time);
-        metrics::histogram!(m::WORKER_OVERHEAD, "worker" => worker.name().to_owned())
-            .record(overhead.as_secs_f64());
+        m::record_overhead(worker.name(), overhead);
     }
 
     fn key_for(&self, config: &ProviderConfig) -> Result<Option<SecretString>, ErrorClass> {

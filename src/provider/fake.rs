@@ -24,6 +24,9 @@ pub struct FakeBehaviour {
     pub latency: Duration,
     /// The bearer token it requires; `None` accepts any.
     pub expected_key: Option<String>,
+    /// Misbehave on half the requests (500, 429 with Retry-After, a hang past any sane
+    /// timeout, a garbage body, 503 with retry-after-ms), for soak runs.
+    pub chaos: bool,
 }
 
 struct FakeState {
@@ -41,7 +44,10 @@ pub struct FakeProvider {
 impl FakeProvider {
     /// Starts on a random loopback port.
     pub async fn start(behaviour: FakeBehaviour) -> std::io::Result<FakeProvider> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        // A deep accept backlog: the benchmark opens thousands of connections at once.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(FakeState {
             behaviour,
@@ -96,9 +102,14 @@ async fn answer(
             return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
         }
     }
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let n = state.requests.fetch_add(1, Ordering::SeqCst);
     if !state.behaviour.latency.is_zero() {
         tokio::time::sleep(state.behaviour.latency).await;
+    }
+    if state.behaviour.chaos
+        && let Some(response) = misbehave(n).await
+    {
+        return response;
     }
     let worker = body
         .pointer("/response_format/json_schema/name")
@@ -126,6 +137,40 @@ async fn answer(
         "usage": {"prompt_tokens": prompt.len().div_ceil(4), "completion_tokens": content.len().div_ceil(4)}
     });
     Json(reply).into_response()
+}
+
+/// The chaos schedule: every other request fails, in five different ways.
+async fn misbehave(n: u64) -> Option<Response> {
+    let error = |status: StatusCode| {
+        (
+            status,
+            Json(json!({"error": {"message": "chaos", "type": "server_error"}})),
+        )
+    };
+    Some(match n % 10 {
+        0 => error(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+        2 => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS).into_response();
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            response
+        }
+        4 => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            error(StatusCode::GATEWAY_TIMEOUT).into_response()
+        }
+        6 => (StatusCode::OK, "<html>upstream error</html>").into_response(),
+        8 => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE).into_response();
+            response.headers_mut().insert(
+                "retry-after-ms",
+                axum::http::HeaderValue::from_static("250"),
+            );
+            response
+        }
+        _ => return None,
+    })
 }
 
 fn line_after<'a>(prompt: &'a str, label: &str) -> Option<&'a str> {

@@ -253,3 +253,14 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Empties every table; only the benchmark does this, on its own database.
+    pub async fn clear_bench_state(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .batch_execute("TRUNCATE processed_events, event_claims, usage_daily, provider_configs")
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! Reading what the benchmark reports: process CPU and peak memory from /proc, quantiles from
+//! a Prometheus histogram, rates over the steady part of a run.
+
+use std::time::Instant;
+
+/// CPU seconds (user + system) and peak RSS in MiB of a process, from /proc.
+pub fn process_stats(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some((ticks / 100.0, hwm_kb / 1024.0))
+}
+
+/// Resets a process's peak RSS (Linux: writing 5 to clear_refs).
+pub fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// The `q` quantile of a Prometheus histogram, interpolated within buckets the way
+/// `histogram_quantile` does; all label sets of `name` are summed.
+pub fn histogram_quantile(page: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in page.lines().filter(|line| line.starts_with(&prefix)) {
+        let le = line.split("le=\"").nth(1)?.split('"').next()?;
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        match buckets.iter_mut().find(|(b, _)| *b == bound) {
+            Some(bucket) => bucket.1 += count,
+            None => buckets.push((bound, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut previous = (0.0, 0.0);
+    for (bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(previous.0);
+            }
+            let within = (rank - previous.1) / (count - previous.1).max(f64::MIN_POSITIVE);
+            return Some(previous.0 + (bound - previous.0) * within);
+        }
+        previous = (bound, count);
+    }
+    None
+}
+
+/// Events per second between the 10th and the 90th percentile of arrival times (the steady
+/// part of a run, without ramp-up and drain), and over the whole run from `start`.
+pub fn rates(start: Instant, arrivals: &[Instant]) -> (f64, f64) {
+    let n = arrivals.len();
+    if n < 10 {
+        return (0.0, 0.0);
+    }
+    let (low, high) = (n / 10, n * 9 / 10);
+    let steady = (high - low) as f64 / (arrivals[high] - arrivals[low]).as_secs_f64().max(1e-9);
+    let wall = n as f64 / (arrivals[n - 1] - start).as_secs_f64().max(1e-9);
+    (steady, wall)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let page =
+            "x_bucket{le=\"0.001\"} 50\nx_bucket{le=\"0.002\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
+        let p50 = histogram_quantile(page, "x", 0.5).unwrap();
+        assert!((p50 - 0.001).abs() < 1e-9);
+        let p75 = histogram_quantile(page, "x", 0.75).unwrap();
+        assert!((p75 - 0.0015).abs() < 1e-9);
+    }
+
+    #[test]
+    fn this_process_has_stats() {
+        let (cpu, rss) = process_stats(std::process::id()).unwrap();
+        assert!(cpu >= 0.0 && rss > 1.0);
+    }
+}

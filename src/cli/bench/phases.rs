@@ -1,0 +1,415 @@
+//! The benchmark's phases and what they share: the bench database, the fake provider, the
+//! pre-filled queue, the result listener and the worker child process.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use futures_util::StreamExt as _;
+use lapin::options::BasicAckOptions;
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Row;
+use super::measure::{histogram_quantile, process_stats, rates, reset_peak_rss};
+use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
+use crate::config::Settings;
+use crate::crypto::KeyRing;
+use crate::events;
+use crate::provider::Profile;
+use crate::provider::fake::{FakeBehaviour, FakeProvider};
+use crate::store::Store;
+use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
+
+const WORKER: &str = "summarize";
+const ORG: &str = "org_bench";
+
+pub struct Bench {
+    settings: Settings,
+    database_url: String,
+    store: Store,
+    master_key: String,
+    keys: KeyRing,
+    link: Arc<Link>,
+    publisher: Publisher,
+    sample: Value,
+    prefixes: Mutex<Vec<String>>,
+}
+
+/// Results as they arrive: when, and (for the soak) what.
+#[derive(Default)]
+struct Arrivals {
+    times: Vec<Instant>,
+    outcomes: BTreeMap<String, usize>,
+    sources: HashSet<String>,
+}
+
+impl Bench {
+    pub async fn prepare(settings: &Settings) -> anyhow::Result<Bench> {
+        let mut url = url::Url::parse(&settings.database_url)
+            .context("COPILOT_DATABASE_URL must be a URL")?;
+        let name = url.path().trim_start_matches('/').to_owned();
+        url.set_path(&format!(
+            "/{}_bench",
+            if name.is_empty() { "copilot" } else { &name }
+        ));
+        let database_url = url.to_string();
+        eprintln!("▸ bench database {}", url.path().trim_start_matches('/'));
+        crate::store::migrations::migrate(&database_url).await?;
+        let store = Store::connect(&database_url, 4)?;
+        store.clear_bench_state().await?;
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| anyhow::anyhow!("no randomness"))?;
+        let master_key = base64::engine::general_purpose::STANDARD.encode(raw);
+        let keys = KeyRing::parse(&SecretString::from(master_key.clone()))?;
+        let link = Link::open(&settings.amqp_url, "copilot-workers bench").await?;
+        let publisher = Publisher::new(link.clone()).await?;
+        let sample: Value = serde_json::from_str(crate::cli::demo::SAMPLES[1].1)?;
+        Ok(Bench {
+            settings: settings.clone(),
+            database_url,
+            store,
+            master_key,
+            keys,
+            link,
+            publisher,
+            sample,
+            prefixes: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn topology(&self, phase: &str) -> Topology {
+        let prefix = format!("bench.{}.{phase}.", std::process::id());
+        if let Ok(mut prefixes) = self.prefixes.lock() {
+            prefixes.push(prefix.clone());
+        }
+        Topology::new(&prefix, self.settings.delivery_limit)
+    }
+
+    /// Publishes `n` distinct events (own ids and tickets) with 64 publishers in parallel.
+    async fn prefill(&self, topology: &Topology, phase: &str, n: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let tasks = TaskTracker::new();
+        let per_task = n.div_ceil(64);
+        for task in 0..64 {
+            let publisher = self.publisher.clone();
+            let exchange = topology.events_exchange();
+            let mut event = self.sample.clone();
+            let phase = phase.to_owned();
+            tasks.spawn(async move {
+                for i in (task * per_task)..((task + 1) * per_task).min(n) {
+                    event["id"] = Value::from(format!("evt_bench_{phase}_{i}"));
+                    event["data"]["org_id"] = Value::from(ORG);
+                    event["data"]["ticket"]["id"] = Value::from(format!("B-{phase}-{i}"));
+                    let body = event.to_string();
+                    let mut message =
+                        Outgoing::new(&exchange, "ticket.message_added", body.as_bytes());
+                    message.content_type = events::CLOUDEVENTS_JSON;
+                    if let Err(err) = publisher.publish(&message).await {
+                        eprintln!("prefill publish failed: {err}");
+                    }
+                }
+            });
+        }
+        tasks.close();
+        tasks.wait().await;
+        eprintln!(
+            "▸ {phase}: {n} events queued in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Listens to the results exchange, recording each arrival.
+    async fn listen(&self, topology: &Topology) -> anyhow::Result<Arc<Mutex<Arrivals>>> {
+        let connection = self.link.connection().await;
+        let (channel, mut consumer) =
+            broker::tap(&connection, &topology.results_exchange()).await?;
+        let arrivals = Arc::new(Mutex::new(Arrivals::default()));
+        let sink = arrivals.clone();
+        tokio::spawn(async move {
+            let _channel = channel;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let now = Instant::now();
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                let parsed: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+                let Ok(mut arrivals) = sink.lock() else { break };
+                arrivals.times.push(now);
+                if let Some(value) = parsed {
+                    let class = value
+                        .pointer("/data/error/class")
+                        .and_then(Value::as_str)
+                        .unwrap_or("completed")
+                        .to_owned();
+                    *arrivals.outcomes.entry(class).or_default() += 1;
+                    if let Some(source) = value
+                        .pointer("/data/source_event_id")
+                        .and_then(Value::as_str)
+                    {
+                        arrivals.sources.insert(source.to_owned());
+                    }
+                }
+            }
+        });
+        Ok(arrivals)
+    }
+
+    /// Waits until `n` results arrived, printing progress every second.
+    async fn wait_for(
+        &self,
+        phase: &str,
+        arrivals: &Mutex<Arrivals>,
+        n: usize,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        let mut last = 0;
+        loop {
+            let count = arrivals.lock().map(|a| a.times.len()).unwrap_or(0);
+            if count >= n {
+                eprintln!("\r  {phase}: {count}/{n} results                 ");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{phase}: only {count} of {n} results within {limit:?}");
+            }
+            eprint!("\r  {phase}: {count}/{n} results, {} /s   ", count - last);
+            last = count;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// (a) The broker alone: consume, publish a result-sized message with a confirm, ack.
+    pub async fn baseline(&self, n: usize) -> anyhow::Result<Row> {
+        let topology = self.topology("baseline");
+        topology
+            .declare(&self.publisher.channel().await, &[WORKER])
+            .await?;
+        let arrivals = self.listen(&topology).await?;
+        self.prefill(&topology, "baseline", n).await?;
+        let result_body = Arc::new(vec![b'x'; 1400]);
+        let consuming = Link::open(
+            &self.settings.amqp_url,
+            "copilot-workers bench baseline consume",
+        )
+        .await?;
+        let publishing = Link::open(
+            &self.settings.amqp_url,
+            "copilot-workers bench baseline publish",
+        )
+        .await?;
+        let publisher = Publisher::new(publishing.clone()).await?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let consumer = Consumer {
+            queue: topology.worker_queue(WORKER),
+            prefetch: self.settings.prefetch,
+        };
+        let exchange = Arc::new(topology.results_exchange());
+        let started = Instant::now();
+        let (cpu_before, _) = process_stats(std::process::id()).unwrap_or_default();
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let consume = {
+            let (tracker, shutdown, consuming) =
+                (tracker.clone(), shutdown.clone(), consuming.clone());
+            tokio::spawn(async move {
+                consumer
+                    .run(&consuming, &tracker, shutdown, running, move |delivery| {
+                        let (publisher, exchange, body) =
+                            (publisher.clone(), exchange.clone(), result_body.clone());
+                        async move {
+                            let mut message =
+                                Outgoing::new(&exchange, "ticket.enriched.summarize", &body);
+                            message.content_type = events::CLOUDEVENTS_JSON;
+                            if publisher.publish(&message).await.is_ok() {
+                                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                            }
+                        }
+                    })
+                    .await;
+            })
+        };
+        self.wait_for("baseline", &arrivals, n, Duration::from_secs(600))
+            .await?;
+        let (cpu_after, _) = process_stats(std::process::id()).unwrap_or_default();
+        shutdown.cancel();
+        let _ = consume.await;
+        tracker.close();
+        tracker.wait().await;
+        consuming.close().await;
+        publishing.close().await;
+        let times = arrivals.lock().map(|a| a.times.clone()).unwrap_or_default();
+        let (steady, wall) = rates(started, &times);
+        Ok(Row {
+            phase: "baseline".into(),
+            events: n,
+            steady,
+            wall,
+            cpu_per_1000: Some((cpu_after - cpu_before) * 1000.0 / n as f64),
+            note: "broker only; CPU is the bench process (consumer, publisher and result listener)"
+                .into(),
+            ..Row::default()
+        })
+    }
+
+    /// (b), (c), (d): the real worker in a child process.
+    pub async fn pipeline(
+        &self,
+        phase: &str,
+        n: usize,
+        latency: Duration,
+        in_flight: u16,
+        chaos: bool,
+    ) -> anyhow::Result<Row> {
+        let topology = self.topology(phase);
+        topology
+            .declare(&self.publisher.channel().await, &[WORKER])
+            .await?;
+        let fake = FakeProvider::start(FakeBehaviour {
+            latency,
+            expected_key: Some("bench-key-0000".into()),
+            chaos,
+        })
+        .await?;
+        self.store
+            .put_provider_config(&ProviderConfig {
+                org_id: ORG.into(),
+                profile: Profile::Openai,
+                base_url: fake.base_url(),
+                model: "bench-model".into(),
+                api_key: Some(self.keys.seal(ORG, &SecretString::from("bench-key-0000"))?),
+                params: ModelParams {
+                    timeout_secs: Some(if chaos { 2 } else { 30 }),
+                    ..ModelParams::default()
+                },
+                enabled_workers: None,
+                worker_models: BTreeMap::new(),
+                context: OrgContext::default(),
+                max_concurrency: Some(u32::from(in_flight)),
+                enabled: true,
+                health: Health::default(),
+            })
+            .await?;
+        let arrivals = self.listen(&topology).await?;
+        self.prefill(&topology, phase, n).await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let spawned = Instant::now();
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["run", "--workers", WORKER])
+            .env("COPILOT_DATABASE_URL", &self.database_url)
+            .env("COPILOT_AMQP_URL", &self.settings.amqp_url)
+            .env("COPILOT_MASTER_KEY", &self.master_key)
+            .env("COPILOT_TOPOLOGY_PREFIX", topology_prefix(&topology))
+            .env("COPILOT_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("COPILOT_ALLOW_LOOPBACK_PROVIDERS", "true")
+            .env(
+                "COPILOT_PREFETCH",
+                in_flight.max(self.settings.prefetch).to_string(),
+            )
+            .env(
+                "COPILOT_PROVIDER_MAX_ATTEMPTS",
+                if chaos { "8" } else { "4" },
+            )
+            .env("COPILOT_WORKERS_DIR", &self.settings.workers_dir)
+            .env("COPILOT_SCHEMAS_DIR", &self.settings.schemas_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the worker child process")?;
+        let pid = child.id().context("child has no pid")?;
+        let http = reqwest::Client::new();
+        let ready_url = format!("http://127.0.0.1:{port}/readyz");
+        let ready_ms = loop {
+            if http
+                .get(&ready_url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break spawned.elapsed().as_secs_f64() * 1000.0;
+            }
+            if spawned.elapsed() > Duration::from_secs(30) {
+                bail!("{phase}: the worker did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        reset_peak_rss(pid);
+        let (cpu_before, _) = process_stats(pid).unwrap_or_default();
+        let limit = Duration::from_secs(120)
+            + latency * u32::try_from(n / usize::from(in_flight.max(1)) + 2).unwrap_or(u32::MAX);
+        self.wait_for(phase, &arrivals, n, limit).await?;
+        let (cpu_after, peak) = process_stats(pid).unwrap_or_default();
+        let page = http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, 0.5);
+        let p99 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, 0.99);
+        if let Some(id) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &id.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        // Anything that arrives after the last expected result is a duplicate.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (times, outcomes, sources) = match arrivals.lock() {
+            Ok(a) => (a.times.clone(), a.outcomes.clone(), a.sources.len()),
+            Err(_) => bail!("result listener failed"),
+        };
+        let (steady, wall) = rates(spawned, &times);
+        let mut note = format!("{} calls answered by the fake provider", fake.requests());
+        if chaos {
+            let outcomes: Vec<String> = outcomes
+                .iter()
+                .map(|(class, count)| format!("{class} {count}"))
+                .collect();
+            note = format!(
+                "in {n}; {}; lost {}; duplicate results {}",
+                outcomes.join(", "),
+                n.saturating_sub(sources),
+                times.len().saturating_sub(sources)
+            );
+        }
+        Ok(Row {
+            phase: phase.into(),
+            events: n,
+            steady,
+            wall,
+            overhead_ms: p50.zip(p99).map(|(a, b)| (a * 1000.0, b * 1000.0)),
+            peak_rss_mb: Some(peak),
+            cpu_per_1000: Some((cpu_after - cpu_before) * 1000.0 / n as f64),
+            ready_ms: Some(ready_ms),
+            note,
+        })
+    }
+
+    /// Deletes every queue and exchange the run declared.
+    pub async fn cleanup(&self) {
+        let prefixes = self.prefixes.lock().map(|p| p.clone()).unwrap_or_default();
+        let channel = self.publisher.channel().await;
+        for prefix in prefixes {
+            let _ = Topology::new(&prefix, self.settings.delivery_limit)
+                .delete(&channel, &[WORKER])
+                .await;
+        }
+        self.link.close().await;
+    }
+}
+
+fn topology_prefix(topology: &Topology) -> String {
+    topology
+        .events_exchange()
+        .trim_end_matches("tickets.events")
+        .to_owned()
+}
