@@ -58,33 +58,24 @@ impl Drop for Claim {
 }
 
 impl Pipeline {
-    /// Takes the claim on this event for `worker`, or answers the delivery from the holder's
-    /// result. `None` means the delivery was answered (or must be left to the broker).
-    pub(super) async fn claim(
+    /// A fresh claim holder id: this process and a counter.
+    pub(super) fn new_holder(&self) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        format!("{}-{}", self.instance, NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Another delivery holds the claim: wait for its result and republish it, or take the
+    /// claim over once its lease lapses. `None` means the delivery was answered (or must be
+    /// left to the broker).
+    pub(super) async fn wait_for_holder(
         &self,
         worker: &Worker,
         delivery: &Delivery,
         event: &TicketEvent,
+        holder: String,
     ) -> Option<Claim> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let holder = format!("{}-{}", self.instance, NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut waited = false;
+        tracing::info!("another delivery of this event is being processed; waiting for its result");
         loop {
-            let taken = self
-                .db(|| {
-                    self.store
-                        .claim(&event.id, worker.name(), &holder, CLAIM_LEASE)
-                })
-                .await?;
-            if taken {
-                return Some(self.hold(event, worker, holder));
-            }
-            if !waited {
-                tracing::info!(
-                    "another delivery of this event is being processed; waiting for its result"
-                );
-                waited = true;
-            }
             tokio::select! {
                 () = self.abandon.cancelled() => return None,
                 () = tokio::time::sleep(POLL_EVERY) => {}
@@ -98,10 +89,19 @@ impl Pipeline {
                 }
                 return None;
             }
+            let taken = self
+                .db(|| {
+                    self.store
+                        .claim(&event.id, worker.name(), &holder, CLAIM_LEASE)
+                })
+                .await?;
+            if taken {
+                return Some(self.hold(event, worker, holder));
+            }
         }
     }
 
-    fn hold(&self, event: &TicketEvent, worker: &Worker, holder: String) -> Claim {
+    pub(super) fn hold(&self, event: &TicketEvent, worker: &Worker, holder: String) -> Claim {
         let store = self.store.clone();
         let (event_id, worker_name, renewing) =
             (event.id.clone(), worker.name().to_owned(), holder.clone());

@@ -22,6 +22,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use claim::CLAIM_LEASE;
 pub use deliver::{ATTEMPTS_HEADER, REASON_HEADER};
 use run::{Run, Spent};
 
@@ -101,19 +102,6 @@ impl Pipeline {
         if !worker.handles(event.kind) {
             return self.skip(worker, delivery, "not_subscribed").await;
         }
-        let Some(recorded) = self
-            .db(|| self.store.ledger_entry(&event.id, worker.name()))
-            .await
-        else {
-            return;
-        };
-        if let Some(entry) = recorded {
-            tracing::info!("already decided; republishing the recorded result");
-            if self.publish_result(delivery, &entry).await {
-                self.skip(worker, delivery, "duplicate").await;
-            }
-            return;
-        }
         let Some(config) = self.db(|| self.configs.get(org_id)).await else {
             return;
         };
@@ -152,24 +140,44 @@ impl Pipeline {
             );
         }
         let ticket_id = event.data.ticket.id.as_str();
-        let Some(last) = self
+        let holder = self.new_holder();
+        let Some(start) = self
             .db(|| {
-                self.store
-                    .last_completed_input_hash(org_id, ticket_id, worker.name())
+                self.store.begin_run(
+                    &event.id,
+                    worker.name(),
+                    org_id,
+                    ticket_id,
+                    &holder,
+                    CLAIM_LEASE,
+                )
             })
             .await
         else {
             return;
         };
-        if last.as_deref() == Some(prepared.input_hash.as_str()) {
+        if let Some(entry) = start.decided {
+            tracing::info!("already decided; republishing the recorded result");
+            if self.publish_result(delivery, &entry).await {
+                self.skip(worker, delivery, "duplicate").await;
+            }
+            return;
+        }
+        let claim = if start.claimed {
+            self.hold(event, worker, holder)
+        } else {
+            match self.wait_for_holder(worker, delivery, event, holder).await {
+                Some(claim) => claim,
+                None => return,
+            }
+        };
+        if start.last_completed_hash.as_deref() == Some(prepared.input_hash.as_str()) {
             tracing::info!("ticket content unchanged since the last run; skipped");
+            claim.release().await;
             return self.skip(worker, delivery, "unchanged").await;
         }
 
         let attempts_before = deliver::attempts_header(delivery);
-        let Some(claim) = self.claim(worker, delivery, event).await else {
-            return;
-        };
         let permit = match self.gates.admit(org_id, config.max_concurrency).await {
             gate::Admission::Go(permit) => permit,
             gate::Admission::Defer { delay, reason } => {

@@ -34,6 +34,14 @@ pub struct UsageRecord {
     pub completion_tokens: i64,
 }
 
+/// What [`Store::begin_run`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunStart {
+    pub decided: Option<LedgerEntry>,
+    pub last_completed_hash: Option<String>,
+    pub claimed: bool,
+}
+
 /// One row of `org usage`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
@@ -101,25 +109,38 @@ impl Store {
     }
 
     /// Records a decided result unless one is already there, and returns the one that stands.
-    /// The run's provider usage is added to `usage_daily` in the same transaction, and only
-    /// when this call inserted the row, so a run is counted once.
+    /// In the same statement (one transaction, committed durably) the run's provider usage is
+    /// added to `usage_daily` only if this call inserted the row, so a run is counted once,
+    /// and the event's claim is released.
     pub async fn record_result(
         &self,
         entry: &LedgerEntry,
         usage: &UsageRecord,
     ) -> Result<LedgerEntry, StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        let insert = transaction
+        let client = self.client().await?;
+        let statement = client
             .prepare_cached(
-                "INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
-                 outcome, input_hash, result) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (event_id, worker) DO NOTHING",
+                "WITH inserted AS ( \
+                   INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
+                   outcome, input_hash, result) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                   ON CONFLICT (event_id, worker) DO NOTHING RETURNING 1 \
+                 ), counted AS ( \
+                   INSERT INTO usage_daily (org_id, day, worker, model, requests, prompt_tokens, \
+                   completion_tokens) \
+                   SELECT $3, (now() AT TIME ZONE 'UTC')::date, $2, $9, $10, $11, $12 \
+                   WHERE EXISTS (SELECT 1 FROM inserted) AND $10::bigint > 0 \
+                   ON CONFLICT (org_id, day, worker, model) DO UPDATE SET \
+                   requests = usage_daily.requests + EXCLUDED.requests, \
+                   prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, \
+                   completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens \
+                 ), released AS ( \
+                   DELETE FROM event_claims WHERE event_id = $1 AND worker = $2 \
+                 ) SELECT EXISTS (SELECT 1 FROM inserted)",
             )
             .await?;
-        let inserted = transaction
-            .execute(
-                &insert,
+        let inserted: bool = client
+            .query_one(
+                &statement,
                 &[
                     &entry.event_id,
                     &entry.worker,
@@ -129,44 +150,16 @@ impl Store {
                     &entry.outcome,
                     &entry.input_hash,
                     &Json(&entry.result),
+                    &usage.model,
+                    &usage.requests,
+                    &usage.prompt_tokens,
+                    &usage.completion_tokens,
                 ],
             )
-            .await?;
-        if inserted == 1 && usage.requests > 0 {
-            let upsert = transaction
-                .prepare_cached(
-                    "INSERT INTO usage_daily (org_id, day, worker, model, requests, prompt_tokens, \
-                     completion_tokens) VALUES ($1, (now() AT TIME ZONE 'UTC')::date, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (org_id, day, worker, model) DO UPDATE SET \
-                     requests = usage_daily.requests + EXCLUDED.requests, \
-                     prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, \
-                     completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens",
-                )
-                .await?;
-            transaction
-                .execute(
-                    &upsert,
-                    &[
-                        &entry.org_id,
-                        &entry.worker,
-                        &usage.model,
-                        &usage.requests,
-                        &usage.prompt_tokens,
-                        &usage.completion_tokens,
-                    ],
-                )
-                .await?;
-        }
-        // The run is decided: whoever claimed it is done with it.
-        let release = transaction
-            .prepare_cached("DELETE FROM event_claims WHERE event_id = $1 AND worker = $2")
-            .await?;
-        transaction
-            .execute(&release, &[&entry.event_id, &entry.worker])
-            .await?;
-        transaction.commit().await?;
+            .await?
+            .get(0);
         drop(client);
-        if inserted == 1 {
+        if inserted {
             return Ok(entry.clone());
         }
         self.ledger_entry(&entry.event_id, &entry.worker)
@@ -174,25 +167,66 @@ impl Store {
             .ok_or_else(|| StoreError::Invalid("ledger row vanished after a conflict".into()))
     }
 
-    /// The input hash of the latest completed run of `worker` on a ticket.
-    pub async fn last_completed_input_hash(
+    /// Everything a run needs to know before it starts, in one round trip: the decided result
+    /// of (event, worker) if there is one; else the input hash of the ticket's last completed
+    /// run, and whether `holder` now holds the claim on the event.
+    pub async fn begin_run(
         &self,
+        event_id: &str,
+        worker: &str,
         org_id: &str,
         ticket_id: &str,
-        worker: &str,
-    ) -> Result<Option<String>, StoreError> {
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<RunStart, StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT input_hash FROM processed_events WHERE org_id = $1 AND ticket_id = $2 \
-                 AND worker = $3 AND outcome = 'completed' ORDER BY created_at DESC LIMIT 1",
+                "WITH decided AS ( \
+                   SELECT org_id, ticket_id, result_id, outcome, input_hash, result \
+                   FROM processed_events WHERE event_id = $1 AND worker = $2 \
+                 ), claimed AS ( \
+                   INSERT INTO event_claims (event_id, worker, holder, expires_at) \
+                   SELECT $1, $2, $5, now() + make_interval(secs => $6) \
+                   WHERE NOT EXISTS (SELECT 1 FROM decided) \
+                   ON CONFLICT (event_id, worker) DO UPDATE SET holder = EXCLUDED.holder, \
+                   expires_at = EXCLUDED.expires_at \
+                   WHERE event_claims.expires_at < now() OR event_claims.holder = EXCLUDED.holder \
+                   RETURNING holder \
+                 ) SELECT d.org_id, d.ticket_id, d.result_id, d.outcome, d.input_hash, d.result, \
+                   (SELECT input_hash FROM processed_events WHERE org_id = $3 AND ticket_id = $4 \
+                    AND worker = $2 AND outcome = 'completed' ORDER BY created_at DESC LIMIT 1), \
+                   EXISTS (SELECT 1 FROM claimed) \
+                 FROM (SELECT 1) AS one LEFT JOIN decided d ON TRUE",
             )
             .await?;
-        let row = client
-            .query_opt(&statement, &[&org_id, &ticket_id, &worker])
-            .await?;
-        Ok(row.and_then(|row| row.get::<_, Option<String>>(0)))
+        let lease = lease.as_secs_f64();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&event_id, &worker, &org_id, &ticket_id, &holder, &lease];
+        let row = client.query_one(&statement, &params).await?;
+        let decided = match row.try_get::<_, Option<String>>(2)? {
+            Some(result_id) => {
+                let Json(result): Json<Value> = row.try_get(5)?;
+                Some(LedgerEntry {
+                    event_id: event_id.to_owned(),
+                    worker: worker.to_owned(),
+                    org_id: row.try_get(0)?,
+                    ticket_id: row.try_get(1)?,
+                    result_id,
+                    outcome: row.try_get(3)?,
+                    input_hash: row.try_get(4)?,
+                    result,
+                })
+            }
+            None => None,
+        };
+        Ok(RunStart {
+            decided,
+            last_completed_hash: row.try_get(6)?,
+            claimed: row.try_get(7)?,
+        })
     }
+
 }
 
 impl Store {
