@@ -66,7 +66,7 @@ pub enum ResponseFormat {
     JsonObject,
     JsonSchema {
         name: String,
-        schema: Value,
+        schema: std::sync::Arc<Value>,
     },
 }
 
@@ -185,7 +185,7 @@ impl ProviderClient {
             ResponseFormat::JsonSchema { name, schema } => {
                 body["response_format"] = json!({
                     "type": "json_schema",
-                    "json_schema": {"name": name, "schema": schema, "strict": false}
+                    "json_schema": {"name": name, "schema": schema.as_ref(), "strict": false}
                 });
             }
         }

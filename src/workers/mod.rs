@@ -68,7 +68,9 @@ pub enum WorkerError {
 /// A loaded, checked worker: its spec, compiled schema and templates.
 pub struct Worker {
     pub spec: WorkerSpec,
-    schema: Value,
+    schema: Arc<Value>,
+    /// The schema serialized once, for prompts.
+    schema_text: String,
     validator: jsonschema::Validator,
     templates: minijinja::Environment<'static>,
 }
@@ -113,9 +115,11 @@ impl Worker {
         templates
             .add_template_owned("prompt", spec.prompt.clone())
             .map_err(|err| invalid(format!("prompt template: {err}")))?;
+        let schema_text = serde_json::to_string(&schema).unwrap_or_default();
         Ok(Worker {
             spec,
-            schema,
+            schema: Arc::new(schema),
+            schema_text,
             validator,
             templates,
         })
@@ -130,7 +134,7 @@ impl Worker {
     }
 
     /// The output schema as written.
-    pub fn schema(&self) -> &Value {
+    pub fn schema(&self) -> &Arc<Value> {
         &self.schema
     }
 }

@@ -32,7 +32,7 @@ impl Worker {
         let value: Value = serde_json::from_str(strip_fences(answer))
             .map_err(|err| OutputError(format!("the answer is not a JSON object ({err})")))?;
         let narrowed;
-        let validator = if &prepared.schema == self.schema() {
+        let validator = if std::sync::Arc::ptr_eq(&prepared.schema, self.schema()) {
             &self.validator
         } else {
             narrowed = jsonschema::validator_for(&prepared.schema)

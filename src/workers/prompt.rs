@@ -1,6 +1,8 @@
 //! Turning a ticket into a prompt: trimming it to the worker's token budget, rendering the
 //! worker's templates, and choosing how to ask for structured output.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -26,8 +28,8 @@ pub struct TrimReport {
 pub struct Prepared {
     pub messages: Vec<ChatMessage>,
     pub response_format: ResponseFormat,
-    /// The schema the output must satisfy (the worker's, narrowed by the org's context).
-    pub schema: Value,
+    /// The schema the output must satisfy (the worker's own, or narrowed by the org's context).
+    pub schema: Arc<Value>,
     /// SHA-256 of the model and the prompt: equal hashes mean an unchanged input.
     pub input_hash: String,
     pub trim: TrimReport,
@@ -133,11 +135,16 @@ impl Worker {
     ) -> Result<Prepared, WorkerError> {
         let (messages, trim) = trim_messages(&ticket.messages, self.spec.input_token_budget);
         let mut schema = self.schema.clone();
+        let mut schema_text = None;
         if let Some(field) = &self.spec.category_field
             && !org.categories.is_empty()
-            && let Some(property) = schema.pointer_mut(&format!("/properties/{field}"))
         {
-            property["enum"] = json!(org.categories);
+            let mut narrowed = (*self.schema).clone();
+            if let Some(property) = narrowed.pointer_mut(&format!("/properties/{field}")) {
+                property["enum"] = json!(org.categories);
+            }
+            schema_text = Some(serde_json::to_string(&narrowed).unwrap_or_default());
+            schema = Arc::new(narrowed);
         }
         let ticket_text = transcript(ticket, &messages, trim);
         let context = minijinja::context! {
@@ -165,12 +172,11 @@ impl Worker {
                 })
         };
         let mut system = render("system")?;
-        let schema_text = serde_json::to_string(&schema).unwrap_or_default();
         system.push_str(
             "\n\nAnswer with one JSON object and nothing else: no prose, no code fences. \
              It must validate against this JSON Schema:\n",
         );
-        system.push_str(&schema_text);
+        system.push_str(schema_text.as_deref().unwrap_or(&self.schema_text));
         let user = render("prompt")?;
         let response_format = match mode {
             StructuredMode::JsonSchema => ResponseFormat::JsonSchema {
