@@ -119,13 +119,18 @@ async fn answer(
         .pointer("/response_format/json_schema/schema")
         .cloned()
         .unwrap_or(Value::Null);
-    let prompt = body
+    let prompt: String = body
         .get("messages")
         .and_then(Value::as_array)
-        .and_then(|messages| messages.last())
-        .and_then(|message| message.get("content"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+        .map(|messages| {
+            messages
+                .iter()
+                .filter_map(|message| message.get("content").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    let prompt = prompt.as_str();
     let output = compose(worker, &schema, prompt);
     let content = output.to_string();
     let reply = json!({
@@ -235,7 +240,7 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
         .any(|w| lower.contains(w));
     match worker {
         "summarize" => json!({
-            "summary": format!("{} The customer writes: {}", first_sentence(subject), first_sentence(latest)),
+            "summary": format!("{}. The customer writes: {}", first_sentence(subject).trim_end_matches('.'), first_sentence(latest)),
             "key_points": customer.iter().take(3).map(|m| first_sentence(m)).collect::<Vec<_>>(),
             "open_questions": if lower.contains('?') { vec!["Which account or order is affected?".to_owned()] } else { vec![] },
         }),
@@ -283,8 +288,19 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
             let language = line_after(prompt, "Reply language:")
                 .filter(|l| l.len() == 2)
                 .unwrap_or_else(|| guess_language(latest));
+            let reply = match language {
+                "de" => format!(
+                    "Hallo,\n\nvielen Dank für Ihre Nachricht zu „{subject}“. Wir sehen uns das an und melden uns in Kürze.\n\nViele Grüße\nSupport"
+                ),
+                "fr" => format!(
+                    "Bonjour,\n\nmerci pour votre message au sujet de « {subject} ». Nous regardons cela et revenons vers vous rapidement.\n\nCordialement,\nLe support"
+                ),
+                _ => format!(
+                    "Hello,\n\nthank you for reaching out about \"{subject}\". We are looking into it and will get back to you shortly.\n\nBest regards,\nSupport"
+                ),
+            };
             json!({
-                "reply": format!("Hello,\n\nthank you for reaching out about \"{subject}\". We are looking into it and will get back to you shortly.\n\nBest regards,\nSupport"),
+                "reply": reply,
                 "language": language,
                 "tone": line_after(prompt, "Tone:").unwrap_or("friendly"),
             })
