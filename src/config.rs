@@ -40,6 +40,10 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_TOPOLOGY_PREFIX", global = true)]
     pub topology_prefix: Option<String>,
 
+    /// Postgres connections in the service's pool. Default: 32.
+    #[arg(long, env = "COPILOT_DB_POOL_SIZE", global = true)]
+    pub db_pool_size: Option<usize>,
+
     /// Deliveries held unacknowledged per worker queue. Default: 200.
     #[arg(long, env = "COPILOT_PREFETCH", global = true)]
     pub prefetch: Option<u16>,
@@ -113,6 +117,7 @@ pub struct Settings {
     pub database_url: String,
     pub http_addr: SocketAddr,
     pub topology_prefix: String,
+    pub db_pool_size: usize,
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub max_event_bytes: usize,
@@ -157,6 +162,7 @@ impl SettingsArgs {
             database_url,
             http_addr,
             topology_prefix,
+            db_pool_size,
             prefetch,
             delivery_limit,
             max_event_bytes,
@@ -190,6 +196,10 @@ impl SettingsArgs {
             problems.push("provider_max_attempts must be at least 1".to_owned());
         }
         let topology_prefix = args.topology_prefix.unwrap_or_default();
+        let db_pool_size = args.db_pool_size.unwrap_or(32);
+        if db_pool_size == 0 {
+            problems.push("db_pool_size must be at least 1".to_owned());
+        }
         if topology_prefix.len() > 100 {
             problems.push("topology_prefix must be at most 100 bytes".to_owned());
         }
@@ -215,6 +225,7 @@ impl SettingsArgs {
                 .http_addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464))),
             topology_prefix,
+            db_pool_size,
             prefetch,
             delivery_limit,
             max_event_bytes: args.max_event_bytes.unwrap_or(1024 * 1024),

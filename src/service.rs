@@ -63,7 +63,7 @@ pub async fn run(
     // Install the recorder before any delivery can increment a counter; a counter bumped
     // before installation would be lost.
     let metrics = telemetry::metrics_handle();
-    let store = Store::connect(&settings.database_url, 32)?;
+    let store = Store::connect(&settings.database_url, settings.db_pool_size)?;
     check_database(&store, &keys).await?;
     let instance = instance_id();
     let link = |role: &str| {
@@ -92,6 +92,11 @@ pub async fn run(
     // Stops the config listener however this function returns.
     let _background_guard = background.clone().drop_guard();
     tokio::spawn(report_config_health(store.clone(), background.clone()));
+    tokio::spawn(crate::pipeline::claim::renew_claims(
+        store.clone(),
+        instance.clone(),
+        background.clone(),
+    ));
     let provider = ProviderClient::new(settings.endpoint_policy)?;
     let admin = match &settings.admin_token {
         Some(token) => {

@@ -2,9 +2,9 @@
 //!
 //! The ledger answers redeliveries of a decided event; a claim covers the window before it is
 //! decided, when two deliveries of one event (a republish, a redelivery after a lost ack) could
-//! otherwise both call the provider. The holder renews its lease while it works; a second
-//! delivery waits for the holder's result and republishes it, or takes over once the lease
-//! lapses because the holder died.
+//! otherwise both call the provider. Each process renews the leases of all its claims in one
+//! statement every few seconds (see `renew_claims`); a second delivery waits for the holder's
+//! result and republishes it, or takes over once the lease lapses because the holder died.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,24 +18,23 @@ use crate::workers::Worker;
 
 /// How long a claim lives without renewal.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(15);
-/// How often a holder renews.
-const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often a process renews its claims.
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// How often a waiting delivery looks for the holder's result.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
-/// A held claim; renewal stops when it is dropped.
+/// A held claim. Its lease is renewed with every other claim of this process until the
+/// result is recorded (which deletes it) or it is released.
 pub(super) struct Claim {
     store: Store,
     event_id: String,
     worker: String,
     holder: String,
-    renewal: tokio::task::JoinHandle<()>,
 }
 
 impl Claim {
     /// Gives the claim up (the event is parked or deferred).
     pub async fn release(self) {
-        self.renewal.abort();
         if let Err(err) = self
             .store
             .release_claim(&self.event_id, &self.worker, &self.holder)
@@ -45,15 +44,24 @@ impl Claim {
         }
     }
 
-    /// The result was recorded (which removed the claim row); just stop renewing.
-    pub fn settled(self) {
-        self.renewal.abort();
-    }
+    /// The result was recorded, which removed the claim row.
+    pub fn settled(self) {}
 }
 
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.renewal.abort();
+/// Renews every claim this process holds, every `RENEW_EVERY`, until `stop`.
+pub async fn renew_claims(
+    store: Store,
+    instance: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RENEW_EVERY) => {}
+        }
+        if let Err(err) = store.renew_claims(&instance, CLAIM_LEASE).await {
+            tracing::warn!(error = %err, "claim renewal failed; retrying");
+        }
     }
 }
 
@@ -102,26 +110,11 @@ impl Pipeline {
     }
 
     pub(super) fn hold(&self, event: &TicketEvent, worker: &Worker, holder: String) -> Claim {
-        let store = self.store.clone();
-        let (event_id, worker_name, renewing) =
-            (event.id.clone(), worker.name().to_owned(), holder.clone());
-        let renewal = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                if let Err(err) = store
-                    .claim(&event_id, &worker_name, &renewing, CLAIM_LEASE)
-                    .await
-                {
-                    tracing::debug!(error = %err, "claim renewal failed; retrying");
-                }
-            }
-        });
         Claim {
             store: self.store.clone(),
             event_id: event.id.clone(),
             worker: worker.name().to_owned(),
             holder,
-            renewal,
         }
     }
 }

@@ -8,7 +8,7 @@
 //! `run.rs` is the provider part (retries, the corrective re-ask); `deliver.rs` is what goes
 //! back to the broker (results, dead letters, parked events, acks).
 
-mod claim;
+pub mod claim;
 mod deliver;
 pub mod gate;
 mod run;

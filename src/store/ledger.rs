@@ -264,6 +264,23 @@ impl Store {
         Ok(!rows.is_empty())
     }
 
+    /// Extends the lease of every claim held by this process (holder ids `<instance>-<n>`).
+    pub async fn renew_claims(
+        &self,
+        instance: &str,
+        lease: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let pattern = format!("{instance}-%");
+        Ok(client
+            .execute(
+                "UPDATE event_claims SET expires_at = now() + make_interval(secs => $2) \
+                 WHERE holder LIKE $1",
+                &[&pattern, &lease.as_secs_f64()],
+            )
+            .await?)
+    }
+
     /// Gives a claim up (after the result is published, or when the event is parked).
     pub async fn release_claim(
         &self,

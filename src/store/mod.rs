@@ -50,6 +50,8 @@ impl Store {
         );
         let pool = Pool::builder(manager)
             .max_size(max_size)
+            // Waiting for a free connection is load, not an outage (an outage shows up as a
+            // failed create, bounded below): thousands of in-flight events may queue here.
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(2)))
