@@ -119,7 +119,7 @@ async fn answer(
         .pointer("/response_format/json_schema/schema")
         .cloned()
         .unwrap_or(Value::Null);
-    let prompt: String = body
+    let whole: String = body
         .get("messages")
         .and_then(Value::as_array)
         .map(|messages| {
@@ -130,8 +130,15 @@ async fn answer(
                 .join("\n")
         })
         .unwrap_or_default();
-    let prompt = prompt.as_str();
-    let output = compose(worker, &schema, prompt);
+    // The ticket is in the last (user) message; the system prompt carries tone and language.
+    let ticket = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|messages| messages.last())
+        .and_then(|message| message.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let output = compose(worker, &schema, ticket, &whole);
     let content = output.to_string();
     let reply = json!({
         "id": "chatcmpl-fake",
@@ -139,7 +146,7 @@ async fn answer(
         "model": body.get("model").and_then(Value::as_str).unwrap_or("fake-model"),
         "choices": [{"index": 0, "finish_reason": "stop",
                      "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": prompt.len().div_ceil(4), "completion_tokens": content.len().div_ceil(4)}
+        "usage": {"prompt_tokens": whole.len().div_ceil(4), "completion_tokens": content.len().div_ceil(4)}
     });
     Json(reply).into_response()
 }
@@ -212,7 +219,7 @@ fn guess_language(text: &str) -> &'static str {
 
 /// Builds an output for `worker` from the prompt text; unknown workers get a minimal
 /// instance of their schema.
-fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
+fn compose(worker: &str, schema: &Value, prompt: &str, whole: &str) -> Value {
     let subject = line_after(prompt, "Subject:").unwrap_or("the ticket");
     let customer: Vec<&str> = prompt
         .lines()
@@ -285,7 +292,7 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
         }
         "language" => json!({"language": guess_language(latest), "confidence": 0.9}),
         "reply_draft" => {
-            let language = line_after(prompt, "Reply language:")
+            let language = line_after(whole, "Reply language:")
                 .filter(|l| l.len() == 2)
                 .unwrap_or_else(|| guess_language(latest));
             let reply = match language {
@@ -302,7 +309,7 @@ fn compose(worker: &str, schema: &Value, prompt: &str) -> Value {
             json!({
                 "reply": reply,
                 "language": language,
-                "tone": line_after(prompt, "Tone:").unwrap_or("friendly"),
+                "tone": line_after(whole, "Tone:").unwrap_or("friendly"),
             })
         }
         _ => instance_of(schema),
