@@ -313,11 +313,17 @@ impl ResultEvent {
 
     /// `ticket.enriched.<worker>` or `ticket.enrichment_failed.<worker>`.
     pub fn routing_key(&self) -> String {
-        if self.is_completed() {
-            format!("ticket.enriched.{}", self.data.worker)
-        } else {
-            format!("ticket.enrichment_failed.{}", self.data.worker)
-        }
+        result_routing_key(self.is_completed(), &self.data.worker)
+    }
+}
+
+/// The routing key of a result: `ticket.enriched.<worker>` or
+/// `ticket.enrichment_failed.<worker>`.
+pub fn result_routing_key(completed: bool, worker: &str) -> String {
+    if completed {
+        format!("ticket.enriched.{worker}")
+    } else {
+        format!("ticket.enrichment_failed.{worker}")
     }
 }
 

@@ -24,11 +24,7 @@ impl Pipeline {
     /// Publishes a recorded result; false when it could not be confirmed (not acked then).
     pub(super) async fn publish_result(&self, delivery: &Delivery, entry: &LedgerEntry) -> bool {
         let body = serde_json::to_vec(&entry.result).unwrap_or_default();
-        let routing_key = if entry.outcome == "completed" {
-            format!("ticket.enriched.{}", entry.worker)
-        } else {
-            format!("ticket.enrichment_failed.{}", entry.worker)
-        };
+        let routing_key = events::result_routing_key(entry.outcome == "completed", &entry.worker);
         let exchange = self.topology.results_exchange();
         let mut message = Outgoing::new(&exchange, &routing_key, &body);
         message.content_type = events::CLOUDEVENTS_JSON;

@@ -53,6 +53,25 @@ pub struct UsageRow {
     pub completion_tokens: i64,
 }
 
+/// A ledger entry from columns 0-5: org_id, ticket_id, result_id, outcome, input_hash, result.
+fn entry_from_row(
+    event_id: &str,
+    worker: &str,
+    row: &tokio_postgres::Row,
+) -> Result<LedgerEntry, StoreError> {
+    let Json(result): Json<Value> = row.try_get(5)?;
+    Ok(LedgerEntry {
+        event_id: event_id.to_owned(),
+        worker: worker.to_owned(),
+        org_id: row.try_get(0)?,
+        ticket_id: row.try_get(1)?,
+        result_id: row.try_get(2)?,
+        outcome: row.try_get(3)?,
+        input_hash: row.try_get(4)?,
+        result,
+    })
+}
+
 impl Store {
     /// Usage of `org_id` since `since` (`YYYY-MM-DD`, inclusive), newest day first.
     pub async fn usage(&self, org_id: &str, since: &str) -> Result<Vec<UsageRow>, StoreError> {
@@ -94,20 +113,8 @@ impl Store {
             )
             .await?;
         let row = client.query_opt(&statement, &[&event_id, &worker]).await?;
-        row.map(|row| {
-            let Json(result): Json<Value> = row.try_get(5)?;
-            Ok(LedgerEntry {
-                event_id: event_id.to_owned(),
-                worker: worker.to_owned(),
-                org_id: row.try_get(0)?,
-                ticket_id: row.try_get(1)?,
-                result_id: row.try_get(2)?,
-                outcome: row.try_get(3)?,
-                input_hash: row.try_get(4)?,
-                result,
-            })
-        })
-        .transpose()
+        row.map(|row| entry_from_row(event_id, worker, &row))
+            .transpose()
     }
 
     /// Records a decided result unless one is already there, and returns the one that stands.
@@ -201,20 +208,9 @@ impl Store {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
             [&event_id, &worker, &org_id, &ticket_id, &holder, &lease];
         let row = client.query_one(&statement, &params).await?;
+        // Columns 0-5 are the decided row, all null when there is none.
         let decided = match row.try_get::<_, Option<String>>(2)? {
-            Some(result_id) => {
-                let Json(result): Json<Value> = row.try_get(5)?;
-                Some(LedgerEntry {
-                    event_id: event_id.to_owned(),
-                    worker: worker.to_owned(),
-                    org_id: row.try_get(0)?,
-                    ticket_id: row.try_get(1)?,
-                    result_id,
-                    outcome: row.try_get(3)?,
-                    input_hash: row.try_get(4)?,
-                    result,
-                })
-            }
+            Some(_) => Some(entry_from_row(event_id, worker, &row)?),
             None => None,
         };
         Ok(RunStart {
