@@ -13,10 +13,12 @@ use crate::broker::{Consumer, Link, Publisher, Topology};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
 use crate::pipeline::Pipeline;
+use crate::pipeline::claim::CLAIM_LEASE;
 use crate::provider::ProviderClient;
 use crate::provider::retry::RetryPolicy;
 use crate::store::Store;
 use crate::store::cache::ConfigCache;
+use crate::store::ledger::Ledger;
 use crate::telemetry::{self, Readiness};
 use crate::workers::Catalog;
 
@@ -113,6 +115,7 @@ pub async fn run(
     );
     let pipeline = Arc::new(Pipeline {
         store: store.clone(),
+        ledger: Ledger::start(&store, CLAIM_LEASE),
         configs,
         keys,
         provider,

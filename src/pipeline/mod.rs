@@ -22,7 +22,6 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use claim::CLAIM_LEASE;
 pub use deliver::{ATTEMPTS_HEADER, REASON_HEADER};
 use run::{Run, Spent};
 
@@ -33,7 +32,7 @@ use crate::provider::retry::{self, RetryPolicy};
 use crate::provider::{ErrorClass, ProviderClient, ProviderTarget};
 use crate::store::cache::ConfigCache;
 use crate::store::configs::ProviderConfig;
-use crate::store::ledger::{LedgerEntry, UsageRecord};
+use crate::store::ledger::{Ledger, LedgerEntry, RunRequest, UsageRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry as m;
 use crate::workers::Worker;
@@ -41,6 +40,8 @@ use crate::workers::Worker;
 /// Everything a delivery needs, shared by all tasks.
 pub struct Pipeline {
     pub store: Store,
+    /// The ledger's batched hot path (starting runs, recording results).
+    pub ledger: Ledger,
     /// Provider configs, cached and invalidated by Postgres notifications.
     pub configs: Arc<ConfigCache>,
     pub keys: Arc<KeyRing>,
@@ -141,19 +142,14 @@ impl Pipeline {
         }
         let ticket_id = event.data.ticket.id.as_str();
         let holder = self.new_holder();
-        let Some(start) = self
-            .db(|| {
-                self.store.begin_run(
-                    &event.id,
-                    worker.name(),
-                    org_id,
-                    ticket_id,
-                    &holder,
-                    CLAIM_LEASE,
-                )
-            })
-            .await
-        else {
+        let request = RunRequest {
+            event_id: event.id.clone(),
+            worker: worker.name().to_owned(),
+            org_id: org_id.to_owned(),
+            ticket_id: ticket_id.to_owned(),
+            holder: holder.clone(),
+        };
+        let Some(start) = self.db(|| self.ledger.begin_run(request.clone())).await else {
             return;
         };
         if let Some(entry) = start.decided {
@@ -267,7 +263,10 @@ impl Pipeline {
             result: serde_json::to_value(&result).unwrap_or_default(),
         };
         let usage = spent.usage_record();
-        let Some(standing) = self.db(|| self.store.record_result(&entry, &usage)).await else {
+        let Some(standing) = self
+            .db(|| self.ledger.record_result(entry.clone(), usage.clone()))
+            .await
+        else {
             return;
         };
         claim.settled();
@@ -314,6 +313,13 @@ impl Pipeline {
                 Err(StoreError::Invalid(reason)) => {
                     tracing::error!(%reason, "unreadable row; leaving the delivery to the broker");
                     return None;
+                }
+                Err(err) if err.is_pool_busy() => {
+                    // Every connection is busy: that is load, not an outage; queue again.
+                    tracing::debug!("database pool busy; waiting again");
+                    if self.abandon.is_cancelled() {
+                        return None;
+                    }
                 }
                 Err(err) => {
                     let wait = waits.next().unwrap_or(Duration::from_secs(5));

@@ -7,6 +7,7 @@
 use serde_json::Value;
 use tokio_postgres::types::Json;
 
+use super::batch::Batcher;
 use super::{Store, StoreError};
 
 /// One decided (event, worker).
@@ -34,7 +35,17 @@ pub struct UsageRecord {
     pub completion_tokens: i64,
 }
 
-/// What [`Store::begin_run`] found.
+/// A run about to start: which event, for which worker, and who would hold its claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    pub event_id: String,
+    pub worker: String,
+    pub org_id: String,
+    pub ticket_id: String,
+    pub holder: String,
+}
+
+/// What [`Store::begin_runs`] found for one run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunStart {
     pub decided: Option<LedgerEntry>,
@@ -51,6 +62,21 @@ pub struct UsageRow {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+}
+
+/// The decided row of (event $1, worker $2), in the columns `entry_from_row` reads.
+const SELECT_ENTRY: &str = "SELECT org_id, ticket_id, result_id, outcome, input_hash, result \
+                            FROM processed_events WHERE event_id = $1 AND worker = $2";
+
+/// A batched statement answers with one row per input row.
+fn one_row_each(rows: &[tokio_postgres::Row], inputs: usize) -> Result<(), StoreError> {
+    if rows.len() == inputs {
+        return Ok(());
+    }
+    Err(StoreError::Invalid(format!(
+        "a batched statement returned {} rows for {inputs} inputs",
+        rows.len()
+    )))
 }
 
 /// A ledger entry from columns 0-5: org_id, ticket_id, result_id, outcome, input_hash, result.
@@ -106,118 +132,181 @@ impl Store {
         worker: &str,
     ) -> Result<Option<LedgerEntry>, StoreError> {
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "SELECT org_id, ticket_id, result_id, outcome, input_hash, result \
-                 FROM processed_events WHERE event_id = $1 AND worker = $2",
-            )
-            .await?;
+        let statement = client.prepare_cached(SELECT_ENTRY).await?;
         let row = client.query_opt(&statement, &[&event_id, &worker]).await?;
         row.map(|row| entry_from_row(event_id, worker, &row))
             .transpose()
     }
 
-    /// Records a decided result unless one is already there, and returns the one that stands.
-    /// The run's provider usage is part of the row (so a run is counted once, with its
-    /// result), and the event's claim is released in the same statement.
-    pub async fn record_result(
+    /// Records decided results unless one is already there for their (event, worker), and
+    /// returns, for each, the one that stands. Each run's provider usage is part of its row (so
+    /// a run is counted once, with its result), and the events' claims are released in the
+    /// same statement. One durable commit serves the whole batch. No two records may share an
+    /// (event, worker) (see [`Ledger`], which ensures it).
+    pub async fn record_results(
         &self,
-        entry: &LedgerEntry,
-        usage: &UsageRecord,
-    ) -> Result<LedgerEntry, StoreError> {
+        records: &[(LedgerEntry, UsageRecord)],
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "WITH inserted AS ( \
+                "WITH input AS ( \
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+                   $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int4[], \
+                   $11::int8[], $12::int8[]) WITH ORDINALITY AS i(event_id, worker, org_id, \
+                   ticket_id, result_id, outcome, input_hash, result, model, requests, \
+                   prompt_tokens, completion_tokens, n) \
+                 ), inserted AS ( \
                    INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
                    outcome, input_hash, result, model, requests, prompt_tokens, completion_tokens) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                   ON CONFLICT (event_id, worker) DO NOTHING RETURNING 1 \
+                   SELECT event_id, worker, org_id, ticket_id, result_id, outcome, input_hash, \
+                   result, model, requests, prompt_tokens, completion_tokens \
+                   FROM input ORDER BY event_id, worker \
+                   ON CONFLICT (event_id, worker) DO NOTHING RETURNING event_id, worker \
                  ), released AS ( \
-                   DELETE FROM event_claims WHERE event_id = $1 AND worker = $2 \
-                 ) SELECT EXISTS (SELECT 1 FROM inserted)",
+                   DELETE FROM event_claims c USING input i \
+                   WHERE c.event_id = i.event_id AND c.worker = i.worker \
+                 ) SELECT EXISTS (SELECT 1 FROM inserted x \
+                   WHERE x.event_id = i.event_id AND x.worker = i.worker) \
+                 FROM input i ORDER BY i.n",
             )
             .await?;
-        let inserted: bool = client
-            .query_one(
+        let column = |f: fn(&(LedgerEntry, UsageRecord)) -> &str| -> Vec<&str> {
+            records.iter().map(f).collect()
+        };
+        let event_ids = column(|(e, _)| &e.event_id);
+        let workers = column(|(e, _)| &e.worker);
+        let org_ids = column(|(e, _)| &e.org_id);
+        let ticket_ids = column(|(e, _)| &e.ticket_id);
+        let result_ids = column(|(e, _)| &e.result_id);
+        let outcomes = column(|(e, _)| &e.outcome);
+        let models = column(|(_, u)| &u.model);
+        let hashes: Vec<Option<&str>> = records
+            .iter()
+            .map(|(e, _)| e.input_hash.as_deref())
+            .collect();
+        let results: Vec<Json<&Value>> = records.iter().map(|(e, _)| Json(&e.result)).collect();
+        let requests: Vec<i32> = records
+            .iter()
+            .map(|(_, u)| i32::try_from(u.requests).unwrap_or(i32::MAX))
+            .collect();
+        let prompt: Vec<i64> = records.iter().map(|(_, u)| u.prompt_tokens).collect();
+        let completion: Vec<i64> = records.iter().map(|(_, u)| u.completion_tokens).collect();
+        let rows = client
+            .query(
                 &statement,
                 &[
-                    &entry.event_id,
-                    &entry.worker,
-                    &entry.org_id,
-                    &entry.ticket_id,
-                    &entry.result_id,
-                    &entry.outcome,
-                    &entry.input_hash,
-                    &Json(&entry.result),
-                    &usage.model,
-                    &i32::try_from(usage.requests).unwrap_or(i32::MAX),
-                    &usage.prompt_tokens,
-                    &usage.completion_tokens,
+                    &event_ids,
+                    &workers,
+                    &org_ids,
+                    &ticket_ids,
+                    &result_ids,
+                    &outcomes,
+                    &hashes,
+                    &results,
+                    &models,
+                    &requests,
+                    &prompt,
+                    &completion,
                 ],
             )
-            .await?
-            .get(0);
-        drop(client);
-        if inserted {
-            return Ok(entry.clone());
+            .await?;
+        one_row_each(&rows, records.len())?;
+        let mut standing = Vec::with_capacity(records.len());
+        for ((entry, _), row) in records.iter().zip(rows) {
+            if row.try_get(0)? {
+                standing.push(entry.clone());
+                continue;
+            }
+            // Another delivery decided it first: its result stands.
+            let statement = client.prepare_cached(SELECT_ENTRY).await?;
+            let row = client
+                .query_opt(&statement, &[&entry.event_id, &entry.worker])
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Invalid("ledger row vanished after a conflict".into())
+                })?;
+            standing.push(entry_from_row(&entry.event_id, &entry.worker, &row)?);
         }
-        self.ledger_entry(&entry.event_id, &entry.worker)
-            .await?
-            .ok_or_else(|| StoreError::Invalid("ledger row vanished after a conflict".into()))
+        Ok(standing)
     }
 
-    /// Everything a run needs to know before it starts, in one round trip: the decided result
-    /// of (event, worker) if there is one; else the input hash of the ticket's last completed
-    /// run, and whether `holder` now holds the claim on the event. The claim commits without
-    /// waiting for the disk (`synchronous_commit` off for this statement's transaction): a
-    /// claim lost in a database crash only lets a redelivery start sooner, and half the WAL
-    /// flushes of the hot path go away.
-    pub async fn begin_run(
+    /// Everything a run needs to know before it starts, for a batch of runs in one round trip:
+    /// the decided result of (event, worker) if there is one; else the input hash of the
+    /// ticket's last completed run, and whether the run's holder now holds the claim on the
+    /// event. The claims commit without waiting for the disk (`synchronous_commit` off for
+    /// this statement's transaction): a claim lost in a database crash only lets a redelivery
+    /// start sooner. No two requests may share an (event, worker).
+    pub async fn begin_runs(
         &self,
-        event_id: &str,
-        worker: &str,
-        org_id: &str,
-        ticket_id: &str,
-        holder: &str,
+        requests: &[RunRequest],
         lease: std::time::Duration,
-    ) -> Result<RunStart, StoreError> {
+    ) -> Result<Vec<RunStart>, StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "WITH decided AS ( \
-                   SELECT org_id, ticket_id, result_id, outcome, input_hash, result \
-                   FROM processed_events WHERE event_id = $1 AND worker = $2 \
+                "WITH input AS ( \
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+                   $5::text[]) WITH ORDINALITY AS i(event_id, worker, org_id, ticket_id, holder, n) \
                  ), claimed AS ( \
                    INSERT INTO event_claims (event_id, worker, holder, expires_at) \
-                   SELECT $1, $2, $5, now() + make_interval(secs => $6) \
-                   WHERE NOT EXISTS (SELECT 1 FROM decided) \
+                   SELECT i.event_id, i.worker, i.holder, now() + make_interval(secs => $6) \
+                   FROM input i WHERE NOT EXISTS (SELECT 1 FROM processed_events p \
+                     WHERE p.event_id = i.event_id AND p.worker = i.worker) \
+                   ORDER BY i.event_id, i.worker \
                    ON CONFLICT (event_id, worker) DO UPDATE SET holder = EXCLUDED.holder, \
                    expires_at = EXCLUDED.expires_at \
                    WHERE event_claims.expires_at < now() OR event_claims.holder = EXCLUDED.holder \
-                   RETURNING holder \
-                 ) SELECT d.org_id, d.ticket_id, d.result_id, d.outcome, d.input_hash, d.result, \
-                   (SELECT input_hash FROM processed_events WHERE org_id = $3 AND ticket_id = $4 \
-                    AND worker = $2 AND outcome = 'completed' ORDER BY created_at DESC LIMIT 1), \
-                   EXISTS (SELECT 1 FROM claimed), \
+                   RETURNING event_id, worker \
+                 ) SELECT p.org_id, p.ticket_id, p.result_id, p.outcome, p.input_hash, p.result, \
+                   (SELECT h.input_hash FROM processed_events h WHERE h.org_id = i.org_id \
+                    AND h.ticket_id = i.ticket_id AND h.worker = i.worker \
+                    AND h.outcome = 'completed' ORDER BY h.created_at DESC LIMIT 1), \
+                   EXISTS (SELECT 1 FROM claimed c \
+                     WHERE c.event_id = i.event_id AND c.worker = i.worker), \
                    set_config('synchronous_commit', 'off', true) \
-                 FROM (SELECT 1) AS one LEFT JOIN decided d ON TRUE",
+                 FROM input i LEFT JOIN processed_events p \
+                   ON p.event_id = i.event_id AND p.worker = i.worker \
+                 ORDER BY i.n",
             )
             .await?;
+        let column = |f: fn(&RunRequest) -> &str| -> Vec<&str> { requests.iter().map(f).collect() };
+        let event_ids = column(|r| &r.event_id);
+        let workers = column(|r| &r.worker);
+        let org_ids = column(|r| &r.org_id);
+        let ticket_ids = column(|r| &r.ticket_id);
+        let holders = column(|r| &r.holder);
         let lease = lease.as_secs_f64();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-            [&event_id, &worker, &org_id, &ticket_id, &holder, &lease];
-        let row = client.query_one(&statement, &params).await?;
-        // Columns 0-5 are the decided row, all null when there is none.
-        let decided = match row.try_get::<_, Option<String>>(2)? {
-            Some(_) => Some(entry_from_row(event_id, worker, &row)?),
-            None => None,
-        };
-        Ok(RunStart {
-            decided,
-            last_completed_hash: row.try_get(6)?,
-            claimed: row.try_get(7)?,
-        })
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &event_ids,
+                    &workers,
+                    &org_ids,
+                    &ticket_ids,
+                    &holders,
+                    &lease,
+                ],
+            )
+            .await?;
+        one_row_each(&rows, requests.len())?;
+        requests
+            .iter()
+            .zip(rows)
+            .map(|(request, row)| {
+                // Columns 0-5 are the decided row, all null when there is none.
+                let decided = match row.try_get::<_, Option<String>>(2)? {
+                    Some(_) => Some(entry_from_row(&request.event_id, &request.worker, &row)?),
+                    None => None,
+                };
+                Ok(RunStart {
+                    decided,
+                    last_completed_hash: row.try_get(6)?,
+                    claimed: row.try_get(7)?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -305,5 +394,69 @@ impl Store {
             .batch_execute("TRUNCATE processed_events, event_claims, provider_configs")
             .await?;
         Ok(())
+    }
+}
+
+/// Largest batch of runs started or results recorded in one statement.
+const MAX_BATCH: usize = 256;
+/// Statements of each kind in flight at once; the rest of the pool serves everything else.
+const FLUSHES: usize = 4;
+
+/// The hot path's way to the ledger: starts runs and records results through batchers, so
+/// that under load one statement (and one commit) serves many events.
+#[derive(Clone)]
+pub struct Ledger {
+    runs: Batcher<RunRequest, RunStart>,
+    records: Batcher<(LedgerEntry, UsageRecord), LedgerEntry>,
+}
+
+impl Ledger {
+    /// Starts the batchers (on the current Tokio runtime); claims are taken for `lease`.
+    pub fn start(store: &Store, lease: std::time::Duration) -> Ledger {
+        let runs = Batcher::start(
+            MAX_BATCH,
+            FLUSHES,
+            |r: &RunRequest| (r.event_id.clone(), r.worker.clone()),
+            {
+                let store = store.clone();
+                move |requests: Vec<RunRequest>| {
+                    let store = store.clone();
+                    async move {
+                        let outcome = store.begin_runs(&requests, lease).await;
+                        (requests, outcome)
+                    }
+                }
+            },
+        );
+        let records = Batcher::start(
+            MAX_BATCH,
+            FLUSHES,
+            |(e, _): &(LedgerEntry, UsageRecord)| (e.event_id.clone(), e.worker.clone()),
+            {
+                let store = store.clone();
+                move |records: Vec<(LedgerEntry, UsageRecord)>| {
+                    let store = store.clone();
+                    async move {
+                        let outcome = store.record_results(&records).await;
+                        (records, outcome)
+                    }
+                }
+            },
+        );
+        Ledger { runs, records }
+    }
+
+    /// See [`Store::begin_runs`].
+    pub async fn begin_run(&self, request: RunRequest) -> Result<RunStart, StoreError> {
+        self.runs.submit(request).await
+    }
+
+    /// See [`Store::record_results`].
+    pub async fn record_result(
+        &self,
+        entry: LedgerEntry,
+        usage: UsageRecord,
+    ) -> Result<LedgerEntry, StoreError> {
+        self.records.submit((entry, usage)).await
     }
 }

@@ -1,5 +1,6 @@
 //! Postgres: the connection pool, the schema migrations, provider configs and the ledger.
 
+pub mod batch;
 pub mod cache;
 pub mod configs;
 pub mod ledger;
@@ -22,6 +23,34 @@ pub enum StoreError {
     Url(String),
     #[error("stored row is invalid: {0}")]
     Invalid(String),
+    /// The statement this request was batched into failed (the first request of the batch
+    /// carries the cause).
+    #[error("database unavailable: a batched statement failed: {0}")]
+    Batch(String),
+    #[error("the ledger batcher has stopped")]
+    Closed,
+}
+
+impl StoreError {
+    /// Whether the database itself refused the statement (as opposed to being unreachable):
+    /// then one row of a batch may be the cause.
+    pub fn is_from_database(&self) -> bool {
+        match self {
+            StoreError::Query(err) => err.as_db_error().is_some(),
+            StoreError::Invalid(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether this is only a wait for a free connection that ran out: load, not an outage.
+    pub fn is_pool_busy(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Pool(deadpool_postgres::PoolError::Timeout(
+                deadpool_postgres::TimeoutType::Wait
+            ))
+        )
+    }
 }
 
 /// The shared pool; cheap to clone.
