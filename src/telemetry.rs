@@ -28,6 +28,7 @@ pub const PROVIDER_REQUESTS: &str = "copilot_provider_requests_total";
 pub const PROVIDER_RETRIES: &str = "copilot_provider_retries_total";
 pub const PROVIDER_LATENCY: &str = "copilot_provider_latency_seconds";
 pub const WORKER_OVERHEAD: &str = "copilot_worker_overhead_seconds";
+pub const STEP_DURATION: &str = "copilot_step_duration_seconds";
 pub const EVENTS_IN_FLIGHT: &str = "copilot_events_in_flight";
 pub const ACKS_LOST: &str = "copilot_acks_lost_total";
 pub const TOKENS: &str = "copilot_tokens_total";
@@ -75,6 +76,11 @@ fn describe() {
         WORKER_OVERHEAD,
         metrics::Unit::Seconds,
         "Time an event spent in the worker minus time waiting on the provider, by worker."
+    );
+    describe_histogram!(
+        STEP_DURATION,
+        metrics::Unit::Seconds,
+        "Time of the worker's own steps, by step: start (ledger lookup and claim), record (ledger write), publish (result confirmed by the broker), ack."
     );
     describe_gauge!(EVENTS_IN_FLIGHT, "Deliveries being processed right now.");
     describe_counter!(
@@ -129,6 +135,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                         &overhead_buckets,
                     )
                 })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(STEP_DURATION.to_owned()),
+                        &overhead_buckets,
+                    )
+                })
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {
@@ -149,6 +161,11 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub fn record_overhead(worker: &str, overhead: std::time::Duration) {
     metrics::histogram!(WORKER_OVERHEAD, "worker" => worker.to_owned())
         .record(overhead.as_secs_f64());
+}
+
+/// Records how long one of the worker's own steps took (see [`STEP_DURATION`]).
+pub fn record_step(step: &'static str, started: std::time::Instant) {
+    metrics::histogram!(STEP_DURATION, "step" => step).record(started.elapsed().as_secs_f64());
 }
 
 /// Sets up logging; `RUST_LOG` chooses levels (default `info`).

@@ -32,8 +32,10 @@ impl Pipeline {
         if let Some(traceparent) = traceparent(delivery) {
             message = message.header("traceparent", &traceparent);
         }
+        let step = std::time::Instant::now();
         match self.publisher.publish(&message).await {
             Ok(()) => {
+                m::record_step("publish", step);
                 metrics::counter!(m::RESULTS_PUBLISHED, "worker" => entry.worker.clone(),
                     "outcome" => entry.outcome.clone())
                 .increment(1);
@@ -123,8 +125,9 @@ impl Pipeline {
 
     /// Acks; a `false` from lapin (the channel was recovered) is counted, not ignored.
     pub(super) async fn ack(&self, worker: &Worker, delivery: &Delivery) {
+        let step = std::time::Instant::now();
         match delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => {}
+            Ok(true) => m::record_step("ack", step),
             Ok(false) => {
                 metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
                 tracing::info!(

@@ -149,9 +149,11 @@ impl Pipeline {
             ticket_id: ticket_id.to_owned(),
             holder: holder.clone(),
         };
+        let step = Instant::now();
         let Some(start) = self.db(|| self.ledger.begin_run(request.clone())).await else {
             return;
         };
+        m::record_step("start", step);
         if let Some(entry) = start.decided {
             tracing::info!("already decided; republishing the recorded result");
             if self.publish_result(delivery, &entry).await {
@@ -263,12 +265,14 @@ impl Pipeline {
             result: serde_json::to_value(&result).unwrap_or_default(),
         };
         let usage = spent.usage_record();
+        let step = Instant::now();
         let Some(standing) = self
             .db(|| self.ledger.record_result(entry.clone(), usage.clone()))
             .await
         else {
             return;
         };
+        m::record_step("record", step);
         claim.settled();
         if !self.publish_result(delivery, &standing).await {
             return;

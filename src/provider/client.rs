@@ -104,8 +104,10 @@ impl ProviderClient {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .connect_timeout(Duration::from_secs(10))
+            // Idle connections are kept for reuse however many calls were in flight (closing
+            // them would mean a new connection, and a TLS handshake, per call in the next
+            // burst); an idle one is closed after a minute.
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
             .user_agent(concat!("copilot-workers/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|err| ProviderError::Connect(err.to_string()))?;

@@ -350,6 +350,9 @@ impl Store {
     }
 
     /// Extends the lease of every claim held by this process (holder ids `<instance>-<n>`).
+    /// Rows locked right now (being recorded, released or taken over) are skipped rather than
+    /// waited for: waiting on them, in whatever order the scan meets them, deadlocked with
+    /// batched recordings; a skipped claim is renewed next round, well within its lease.
     pub async fn renew_claims(
         &self,
         instance: &str,
@@ -360,7 +363,8 @@ impl Store {
         Ok(client
             .execute(
                 "UPDATE event_claims SET expires_at = now() + make_interval(secs => $2) \
-                 WHERE holder LIKE $1",
+                 WHERE (event_id, worker) IN (SELECT event_id, worker FROM event_claims \
+                   WHERE holder LIKE $1 FOR UPDATE SKIP LOCKED)",
                 &[&pattern, &lease.as_secs_f64()],
             )
             .await?)

@@ -17,7 +17,7 @@ use tokio_postgres::NoTls;
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("invalid database URL: {0}")]
     Url(String),
@@ -29,6 +29,18 @@ pub enum StoreError {
     Batch(String),
     #[error("the ledger batcher has stopped")]
     Closed,
+}
+
+/// The server's message and SQLSTATE when Postgres refused a statement (tokio-postgres's own
+/// text is only "db error"); otherwise the error and its cause.
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(err) {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        },
+    }
 }
 
 impl StoreError {

@@ -25,11 +25,15 @@ pub fn reset_peak_rss(pid: u32) {
 }
 
 /// The `q` quantile of a Prometheus histogram, interpolated within buckets the way
-/// `histogram_quantile` does; all label sets of `name` are summed.
-pub fn histogram_quantile(page: &str, name: &str, q: f64) -> Option<f64> {
+/// `histogram_quantile` does; the label sets of `name` whose line contains `only` (say
+/// `step="record"`, or "" for all) are summed.
+pub fn histogram_quantile(page: &str, name: &str, only: &str, q: f64) -> Option<f64> {
     let prefix = format!("{name}_bucket{{");
     let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in page.lines().filter(|line| line.starts_with(&prefix)) {
+    for line in page
+        .lines()
+        .filter(|line| line.starts_with(&prefix) && line.contains(only))
+    {
         let le = line.split("le=\"").nth(1)?.split('"').next()?;
         let bound = if le == "+Inf" {
             f64::INFINITY
@@ -83,9 +87,9 @@ mod tests {
     fn quantiles_interpolate_within_buckets() {
         let page =
             "x_bucket{le=\"0.001\"} 50\nx_bucket{le=\"0.002\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
-        let p50 = histogram_quantile(page, "x", 0.5).unwrap();
+        let p50 = histogram_quantile(page, "x", "", 0.5).unwrap();
         assert!((p50 - 0.001).abs() < 1e-9);
-        let p75 = histogram_quantile(page, "x", 0.75).unwrap();
+        let p75 = histogram_quantile(page, "x", "", 0.75).unwrap();
         assert!((p75 - 0.0015).abs() < 1e-9);
     }
 

@@ -4,6 +4,8 @@
 //! (a) `baseline`: the same AMQP work per event with nothing in between (consume with the same
 //!     prefetch, publish a result-sized message with a confirm, ack);
 //! (b) `instant`: the real worker (a child process) with an instant fake provider;
+//!     `paced`: the same below saturation, events published at a fixed rate (1,000/s) while
+//!     the worker runs, for the overhead target;
 //! (c) `slow`: the real worker with a provider taking 2 s per call and 5,000 calls in flight;
 //! (d) `soak` (optional): a chaos provider failing half the calls, counting every outcome.
 //! The fake provider, the publisher and the result listener run in this process; the worker
@@ -33,10 +35,16 @@ pub struct BenchArgs {
     /// Provider calls in flight in the slow run (its prefetch and the org's cap).
     #[arg(long, default_value_t = 5_000)]
     pub in_flight: u16,
+    /// Events of the paced run (published at `--rate` while the worker runs).
+    #[arg(long, default_value_t = 20_000)]
+    pub paced_events: usize,
+    /// Events per second of the paced run, where overhead is measured below saturation.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u32,
     /// Also run a chaos soak of this many events.
     #[arg(long)]
     pub soak: Option<usize>,
-    /// Run only these phases (comma-separated: baseline, instant, slow, soak).
+    /// Run only these phases (comma-separated: baseline, instant, paced, slow, soak).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Write the results table as Markdown to this file.
@@ -73,7 +81,21 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     if wanted("instant") {
         rows.push(
             bench
-                .pipeline("instant", args.events, Duration::ZERO, 200, false)
+                .pipeline("instant", args.events, Duration::ZERO, 200, false, None)
+                .await?,
+        );
+    }
+    if wanted("paced") {
+        rows.push(
+            bench
+                .pipeline(
+                    "paced",
+                    args.paced_events,
+                    Duration::ZERO,
+                    200,
+                    false,
+                    Some(args.rate),
+                )
                 .await?,
         );
     }
@@ -81,7 +103,14 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         let latency = Duration::from_millis(args.slow_latency_ms);
         rows.push(
             bench
-                .pipeline("slow", args.slow_events, latency, args.in_flight, false)
+                .pipeline(
+                    "slow",
+                    args.slow_events,
+                    latency,
+                    args.in_flight,
+                    false,
+                    None,
+                )
                 .await?,
         );
     }
@@ -90,7 +119,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     {
         rows.push(
             bench
-                .pipeline("soak", events, Duration::ZERO, 1_000, true)
+                .pipeline("soak", events, Duration::ZERO, 1_000, true, None)
                 .await?,
         );
     }

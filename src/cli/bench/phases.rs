@@ -1,7 +1,7 @@
 //! The benchmark's phases and what they share: the bench database, the fake provider, the
 //! pre-filled queue, the result listener and the worker child process.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,65 @@ struct Arrivals {
     times: Vec<Instant>,
     outcomes: BTreeMap<String, usize>,
     sources: HashSet<String>,
+    /// When each paced event was published, by event id, until its result arrives.
+    sent: HashMap<String, Instant>,
+    /// Publish-to-result times of paced events.
+    latencies: Vec<Duration>,
+}
+
+/// Publishes the bench's events: the sample ticket with its own event id and ticket id.
+#[derive(Clone)]
+struct EventSender {
+    publisher: Publisher,
+    exchange: String,
+    sample: Value,
+    phase: String,
+    /// Where to note the publish time of each event (paced runs).
+    sent: Option<Arc<Mutex<Arrivals>>>,
+}
+
+impl EventSender {
+    async fn send(&self, i: usize) {
+        let mut event = self.sample.clone();
+        let id = format!("evt_bench_{}_{i}", self.phase);
+        event["id"] = Value::from(id.clone());
+        event["data"]["org_id"] = Value::from(ORG);
+        event["data"]["ticket"]["id"] = Value::from(format!("B-{}-{i}", self.phase));
+        let body = event.to_string();
+        let mut message = Outgoing::new(&self.exchange, "ticket.message_added", body.as_bytes());
+        message.content_type = events::CLOUDEVENTS_JSON;
+        if let Some(sent) = &self.sent
+            && let Ok(mut sent) = sent.lock()
+        {
+            sent.sent.insert(id, Instant::now());
+        }
+        if let Err(err) = self.publisher.publish(&message).await {
+            eprintln!("bench publish failed: {err}");
+        }
+    }
+
+    /// Publishes `n` events at `rate` per second, in ticks of 10 ms.
+    async fn pace(self, n: usize, rate: u32) {
+        let tasks = TaskTracker::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut ticks = 0u64;
+        let mut next = 0;
+        while next < n {
+            tick.tick().await;
+            ticks += 1;
+            let due = usize::try_from(ticks * u64::from(rate) / 100)
+                .unwrap_or(n)
+                .min(n);
+            while next < due {
+                let sender = self.clone();
+                tasks.spawn(async move { sender.send(next).await });
+                next += 1;
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
 }
 
 impl Bench {
@@ -97,22 +156,10 @@ impl Bench {
         let tasks = TaskTracker::new();
         let per_task = n.div_ceil(64);
         for task in 0..64 {
-            let publisher = self.publisher.clone();
-            let exchange = topology.events_exchange();
-            let mut event = self.sample.clone();
-            let phase = phase.to_owned();
+            let sender = self.sender(topology, phase);
             tasks.spawn(async move {
                 for i in (task * per_task)..((task + 1) * per_task).min(n) {
-                    event["id"] = Value::from(format!("evt_bench_{phase}_{i}"));
-                    event["data"]["org_id"] = Value::from(ORG);
-                    event["data"]["ticket"]["id"] = Value::from(format!("B-{phase}-{i}"));
-                    let body = event.to_string();
-                    let mut message =
-                        Outgoing::new(&exchange, "ticket.message_added", body.as_bytes());
-                    message.content_type = events::CLOUDEVENTS_JSON;
-                    if let Err(err) = publisher.publish(&message).await {
-                        eprintln!("prefill publish failed: {err}");
-                    }
+                    sender.send(i).await;
                 }
             });
         }
@@ -123,6 +170,16 @@ impl Bench {
             started.elapsed().as_secs_f64()
         );
         Ok(())
+    }
+
+    fn sender(&self, topology: &Topology, phase: &str) -> EventSender {
+        EventSender {
+            publisher: self.publisher.clone(),
+            exchange: topology.events_exchange(),
+            sample: self.sample.clone(),
+            phase: phase.to_owned(),
+            sent: None,
+        }
     }
 
     /// Listens to the results exchange, recording each arrival.
@@ -151,6 +208,9 @@ impl Bench {
                         .pointer("/data/source_event_id")
                         .and_then(Value::as_str)
                     {
+                        if let Some(sent) = arrivals.sent.remove(source) {
+                            arrivals.latencies.push(now - sent);
+                        }
                         arrivals.sources.insert(source.to_owned());
                     }
                 }
@@ -268,6 +328,7 @@ impl Bench {
         latency: Duration,
         in_flight: u16,
         chaos: bool,
+        pace: Option<u32>,
     ) -> anyhow::Result<Row> {
         let topology = self.topology(phase);
         topology
@@ -299,12 +360,14 @@ impl Bench {
             })
             .await?;
         let arrivals = self.listen(&topology).await?;
-        self.prefill(&topology, phase, n).await?;
+        if pace.is_none() {
+            self.prefill(&topology, phase, n).await?;
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let spawned = Instant::now();
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        let mut child = worker_command()?
             .args(["run", "--workers", WORKER])
             .env("COPILOT_DATABASE_URL", &self.database_url)
             .env("COPILOT_AMQP_URL", &self.settings.amqp_url)
@@ -346,11 +409,22 @@ impl Bench {
         };
         reset_peak_rss(pid);
         let (cpu_before, _) = process_stats(pid).unwrap_or_default();
+        let pacer = pace.map(|rate| {
+            let mut sender = self.sender(&topology, phase);
+            sender.sent = Some(arrivals.clone());
+            tokio::spawn(sender.pace(n, rate))
+        });
         // Chaos runs wait out retries, parked events and open breakers: give them long.
         let base = Duration::from_secs(if chaos { 900 } else { 120 });
         let waves = u32::try_from(n / usize::from(in_flight.max(1)) + 2).unwrap_or(u32::MAX);
-        let limit = base + latency * waves;
+        let mut limit = base + latency * waves;
+        if let Some(rate) = pace {
+            limit += Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+        }
         self.wait_for(phase, &arrivals, n, limit).await?;
+        if let Some(pacer) = pacer {
+            pacer.abort();
+        }
         let (cpu_after, peak) = process_stats(pid).unwrap_or_default();
         let page = http
             .get(format!("http://127.0.0.1:{port}/metrics"))
@@ -358,8 +432,16 @@ impl Bench {
             .await?
             .text()
             .await?;
-        let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, 0.5);
-        let p99 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, 0.99);
+        let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.5);
+        let p99 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.99);
+        let steps: Vec<String> = ["start", "record", "publish", "ack"]
+            .into_iter()
+            .filter_map(|step| {
+                let only = format!("step=\"{step}\"");
+                let p99 = histogram_quantile(&page, crate::telemetry::STEP_DURATION, &only, 0.99)?;
+                Some(format!("{step} {:.1}", p99 * 1000.0))
+            })
+            .collect();
         if let Some(id) = child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &id.to_string()])
@@ -368,12 +450,35 @@ impl Bench {
         let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
         // Anything that arrives after the last expected result is a duplicate.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (times, outcomes, sources) = match arrivals.lock() {
-            Ok(a) => (a.times.clone(), a.outcomes.clone(), a.sources.len()),
+        let (times, outcomes, sources, mut latencies) = match arrivals.lock() {
+            Ok(a) => (
+                a.times.clone(),
+                a.outcomes.clone(),
+                a.sources.len(),
+                a.latencies.clone(),
+            ),
             Err(_) => bail!("result listener failed"),
         };
         let (steady, wall) = rates(spawned, &times);
-        let mut note = format!("{} calls answered by the fake provider", fake.requests());
+        let mut note = format!(
+            "{} calls answered by the fake provider; step p99 ms: {}",
+            fake.requests(),
+            steps.join(", ")
+        );
+        if let Some(rate) = pace {
+            latencies.sort();
+            let at = |q: f64| {
+                let index = ((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1);
+                latencies
+                    .get(index)
+                    .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+            };
+            note = format!(
+                "published at {rate}/s; publish→result p50 {:.1} ms, p99 {:.1} ms; {note}",
+                at(0.5),
+                at(0.99)
+            );
+        }
         if times.len() < n {
             note.push_str(&format!("; only {} of {n} results arrived", times.len()));
         }
@@ -413,6 +518,23 @@ impl Bench {
         }
         self.link.close().await;
     }
+}
+
+/// The worker's command: this executable, or, for profiling, the same under the command
+/// given in `COPILOT_BENCH_WORKER_WRAPPER` (say `heaptrack -o /tmp/worker`); the peak RSS and
+/// CPU figures are then those of the wrapper's process.
+fn worker_command() -> anyhow::Result<tokio::process::Command> {
+    let exe = std::env::current_exe()?;
+    let wrapper = std::env::var("COPILOT_BENCH_WORKER_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    Ok(match words.next() {
+        None => tokio::process::Command::new(exe),
+        Some(program) => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+    })
 }
 
 fn topology_prefix(topology: &Topology) -> String {
