@@ -11,6 +11,7 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 use crate::skeleton::provider_for;
 use crate::support::{
     Harness, Options, SeenResults, assert_exactly_once, completion, summary_output, ticket_event,
+    unique,
 };
 
 const KEY: &str = "sk-fault-0123456789";
@@ -485,5 +486,100 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() {
         h.queue_depth(&h.topology.worker_queue("summarize")).await,
         0
     );
+    h.finish().await;
+}
+
+/// The batched ledger against a real Postgres: many concurrent runs share statements, a
+/// duplicate start is refused the claim, a second record of a decided event gets the first
+/// result back (not its own), and each run's usage is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batched_ledger_keeps_first_results_and_single_claims() {
+    use copilot_workers::store::ledger::{Ledger, LedgerEntry, RunRequest, UsageRecord};
+
+    let h = Harness::start().await;
+    let ledger = Ledger::start(&h.store, Duration::from_secs(15));
+    let org = unique("org_batch");
+    let request = |i: usize, holder: &str| RunRequest {
+        event_id: format!("evt_{org}_{i}"),
+        worker: "summarize".into(),
+        org_id: org.clone(),
+        ticket_id: format!("T-{i}"),
+        holder: holder.into(),
+    };
+    let entry = |i: usize, text: &str| LedgerEntry {
+        event_id: format!("evt_{org}_{i}"),
+        worker: "summarize".into(),
+        org_id: org.clone(),
+        ticket_id: format!("T-{i}"),
+        result_id: format!("res_{i}"),
+        outcome: "completed".into(),
+        input_hash: Some(format!("hash_{i}")),
+        result: serde_json::json!({ "text": text }),
+    };
+    let usage = UsageRecord {
+        model: "m".into(),
+        requests: 1,
+        prompt_tokens: 10,
+        completion_tokens: 5,
+    };
+
+    // 300 runs at once, and a second holder for each of the first 50.
+    let mut starts = Vec::new();
+    for i in 0..300 {
+        let ledger = ledger.clone();
+        let first = request(i, "first-1");
+        starts.push(tokio::spawn(async move { ledger.begin_run(first).await }));
+    }
+    let mut rivals = Vec::new();
+    for i in 0..50 {
+        let ledger = ledger.clone();
+        let rival = request(i, "rival-1");
+        rivals.push(tokio::spawn(async move { ledger.begin_run(rival).await }));
+    }
+    let mut claimed = 0;
+    for start in starts.into_iter().chain(rivals) {
+        let start = start.await.unwrap().expect("begin_run");
+        assert!(start.decided.is_none());
+        claimed += usize::from(start.claimed);
+    }
+    assert_eq!(claimed, 300, "exactly one holder per event gets the claim");
+
+    // Record all 300 concurrently, then record the first 50 again with another text.
+    let mut records = Vec::new();
+    for i in 0..300 {
+        let ledger = ledger.clone();
+        let (e, u) = (entry(i, "first"), usage.clone());
+        records.push(tokio::spawn(
+            async move { ledger.record_result(e, u).await },
+        ));
+    }
+    for record in records {
+        assert_eq!(record.await.unwrap().unwrap().result["text"], "first");
+    }
+    for i in 0..50 {
+        let standing = ledger
+            .record_result(entry(i, "second"), usage.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            standing.result["text"], "first",
+            "the first recorded result stands"
+        );
+    }
+    // A redelivery now finds the decided result and the ticket's last input hash.
+    let again = ledger.begin_run(request(7, "late-1")).await.unwrap();
+    assert_eq!(again.decided.unwrap().result["text"], "first");
+    let next = ledger
+        .begin_run(RunRequest {
+            event_id: format!("evt_{org}_new"),
+            ..request(7, "late-1")
+        })
+        .await
+        .unwrap();
+    assert!(next.decided.is_none() && next.claimed);
+    assert_eq!(next.last_completed_hash.as_deref(), Some("hash_7"));
+    // Usage counted once per recorded run, not per attempt to record.
+    let rows = h.store.usage(&org, "2000-01-01").await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 300);
     h.finish().await;
 }

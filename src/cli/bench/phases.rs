@@ -83,20 +83,16 @@ impl EventSender {
         }
     }
 
-    /// Publishes `n` events at `rate` per second, in ticks of 10 ms.
+    /// Publishes `n` events at `rate` per second: every millisecond (the timer's resolution),
+    /// as many as are due by the clock.
     async fn pace(self, n: usize, rate: u32) {
         let tasks = TaskTracker::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let mut ticks = 0u64;
+        let started = Instant::now();
         let mut next = 0;
         while next < n {
-            tick.tick().await;
-            ticks += 1;
-            let due = usize::try_from(ticks * u64::from(rate) / 100)
-                .unwrap_or(n)
-                .min(n);
-            while next < due {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as usize;
+            while next < due.min(n) {
                 let sender = self.clone();
                 tasks.spawn(async move { sender.send(next).await });
                 next += 1;
