@@ -29,6 +29,7 @@ pub const PROVIDER_RETRIES: &str = "copilot_provider_retries_total";
 pub const PROVIDER_LATENCY: &str = "copilot_provider_latency_seconds";
 pub const WORKER_OVERHEAD: &str = "copilot_worker_overhead_seconds";
 pub const STEP_DURATION: &str = "copilot_step_duration_seconds";
+pub const LEDGER_BATCH_ROWS: &str = "copilot_ledger_batch_rows";
 pub const EVENTS_IN_FLIGHT: &str = "copilot_events_in_flight";
 pub const ACKS_LOST: &str = "copilot_acks_lost_total";
 pub const TOKENS: &str = "copilot_tokens_total";
@@ -81,6 +82,10 @@ fn describe() {
         STEP_DURATION,
         metrics::Unit::Seconds,
         "Time of the worker's own steps, by step: start (ledger lookup and claim), record (ledger write), publish (result confirmed by the broker), ack."
+    );
+    describe_histogram!(
+        LEDGER_BATCH_ROWS,
+        "Events served by one batched ledger statement, by statement (start, record)."
     );
     describe_gauge!(EVENTS_IN_FLIGHT, "Deliveries being processed right now.");
     describe_counter!(
@@ -139,6 +144,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     builder.set_buckets_for_metric(
                         metrics_exporter_prometheus::Matcher::Full(STEP_DURATION.to_owned()),
                         &overhead_buckets,
+                    )
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(LEDGER_BATCH_ROWS.to_owned()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
                     )
                 })
                 .map(PrometheusBuilder::build_recorder);

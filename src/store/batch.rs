@@ -45,6 +45,7 @@ where
     /// `run` executes one batch and returns one response per request, in order; `key`
     /// names what a request writes, so that equal keys go to different statements.
     pub fn start<K, KeyFn, Run, Fut>(
+        name: &'static str,
         max_batch: usize,
         flushes: usize,
         key: KeyFn,
@@ -58,6 +59,7 @@ where
     {
         let (queue, requests) = mpsc::unbounded_channel();
         tokio::spawn(collect(
+            name,
             requests,
             max_batch.max(1),
             flushes.max(1),
@@ -78,6 +80,7 @@ where
 }
 
 async fn collect<Req, Resp, K, KeyFn, Run, Fut>(
+    name: &'static str,
     mut requests: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>,
     max_batch: usize,
     flushes: usize,
@@ -113,6 +116,8 @@ async fn collect<Req, Resp, K, KeyFn, Run, Fut>(
             .into_iter()
             .partition(|(req, _)| seen.insert(key(req)));
         waiting = later;
+        metrics::histogram!(crate::telemetry::LEDGER_BATCH_ROWS, "statement" => name)
+            .record(batch.len() as f64);
         let run = run.clone();
         tokio::spawn(async move {
             flush(&*run, batch).await;
@@ -181,6 +186,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
         let batcher = Batcher::start(
+            "test",
             100,
             flushes,
             |n: &u32| *n,

@@ -19,6 +19,20 @@ pub fn process_stats(pid: u32) -> Option<(f64, f64)> {
     Some((ticks / 100.0, hwm_kb / 1024.0))
 }
 
+/// The mean of a Prometheus histogram (sum / count) over the label sets whose line contains
+/// `only`.
+pub fn histogram_mean(page: &str, name: &str, only: &str) -> Option<f64> {
+    let total = |suffix: &str| -> f64 {
+        let prefix = format!("{name}_{suffix}");
+        page.lines()
+            .filter(|line| line.starts_with(&prefix) && line.contains(only))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let count = total("count");
+    (count > 0.0).then(|| total("sum") / count)
+}
+
 /// Resets a process's peak RSS (Linux: writing 5 to clear_refs).
 pub fn reset_peak_rss(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
@@ -91,6 +105,18 @@ mod tests {
         assert!((p50 - 0.001).abs() < 1e-9);
         let p75 = histogram_quantile(page, "x", "", 0.75).unwrap();
         assert!((p75 - 0.0015).abs() < 1e-9);
+    }
+
+    #[test]
+    fn means_and_quantiles_keep_to_the_chosen_labels() {
+        let page = "y_bucket{s=\"a\",le=\"1\"} 4\ny_bucket{s=\"a\",le=\"+Inf\"} 4\n\
+                    y_bucket{s=\"b\",le=\"1\"} 0\ny_bucket{s=\"b\",le=\"+Inf\"} 2\n\
+                    y_sum{s=\"a\"} 2\ny_count{s=\"a\"} 4\ny_sum{s=\"b\"} 30\ny_count{s=\"b\"} 2\n";
+        assert_eq!(histogram_mean(page, "y", "s=\"a\""), Some(0.5));
+        assert_eq!(histogram_mean(page, "y", "s=\"b\""), Some(15.0));
+        assert_eq!(histogram_mean(page, "y", ""), Some(32.0 / 6.0));
+        assert_eq!(histogram_mean(page, "z", ""), None);
+        assert!(histogram_quantile(page, "y", "s=\"a\"", 0.99).unwrap() <= 1.0);
     }
 
     #[test]

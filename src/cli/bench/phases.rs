@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Row;
-use super::measure::{histogram_quantile, process_stats, rates, reset_peak_rss};
+use super::measure::{histogram_mean, histogram_quantile, process_stats, rates, reset_peak_rss};
 use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
@@ -456,10 +456,19 @@ impl Bench {
             Err(_) => bail!("result listener failed"),
         };
         let (steady, wall) = rates(spawned, &times);
+        let batches: Vec<String> = ["start", "record"]
+            .into_iter()
+            .filter_map(|statement| {
+                let only = format!("statement=\"{statement}\"");
+                let mean = histogram_mean(&page, crate::telemetry::LEDGER_BATCH_ROWS, &only)?;
+                Some(format!("{statement} {mean:.1}"))
+            })
+            .collect();
         let mut note = format!(
-            "{} calls answered by the fake provider; step p99 ms: {}",
+            "{} calls answered by the fake provider; step p99 ms: {}; events per ledger statement: {}",
             fake.requests(),
-            steps.join(", ")
+            steps.join(", "),
+            batches.join(", ")
         );
         if let Some(rate) = pace {
             latencies.sort();
