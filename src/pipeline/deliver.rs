@@ -23,10 +23,9 @@ pub const REASON_HEADER: &str = "x-copilot-reason";
 impl Pipeline {
     /// Publishes a recorded result; false when it could not be confirmed (not acked then).
     pub(super) async fn publish_result(&self, delivery: &Delivery, entry: &LedgerEntry) -> bool {
-        let body = serde_json::to_vec(&entry.result).unwrap_or_default();
         let routing_key = events::result_routing_key(entry.outcome == "completed", &entry.worker);
         let exchange = self.topology.results_exchange();
-        let mut message = Outgoing::new(&exchange, &routing_key, &body);
+        let mut message = Outgoing::new(&exchange, &routing_key, entry.result.as_bytes());
         message.content_type = events::CLOUDEVENTS_JSON;
         message.message_id = Some(&entry.result_id);
         if let Some(traceparent) = traceparent(delivery) {

@@ -262,7 +262,7 @@ impl Pipeline {
             }
             .to_owned(),
             input_hash: Some(prepared.input_hash.clone()),
-            result: serde_json::to_value(&result).unwrap_or_default(),
+            result: serde_json::to_string(&result).unwrap_or_default(),
         };
         let usage = spent.usage_record();
         let step = Instant::now();

@@ -4,9 +4,6 @@
 //! the row and republishes the very same result (same id, same bytes) without calling the
 //! provider; when two replicas race on one event, the first insert wins and both publish it.
 
-use serde_json::Value;
-use tokio_postgres::types::Json;
-
 use super::batch::Batcher;
 use super::{Store, StoreError};
 
@@ -22,8 +19,9 @@ pub struct LedgerEntry {
     pub outcome: String,
     /// Hash of what the worker was given; lets an unchanged ticket be skipped.
     pub input_hash: Option<String>,
-    /// The full result event as published.
-    pub result: Value,
+    /// The full result event exactly as published (JSON text). Stored verbatim (a `json`
+    /// column), so that a republished result has the very same bytes.
+    pub result: String,
 }
 
 /// Provider usage of one run, stored with its ledger row.
@@ -65,7 +63,7 @@ pub struct UsageRow {
 }
 
 /// The decided row of (event $1, worker $2), in the columns `entry_from_row` reads.
-const SELECT_ENTRY: &str = "SELECT org_id, ticket_id, result_id, outcome, input_hash, result \
+const SELECT_ENTRY: &str = "SELECT org_id, ticket_id, result_id, outcome, input_hash, result::text \
                             FROM processed_events WHERE event_id = $1 AND worker = $2";
 
 /// A batched statement answers with one row per input row.
@@ -85,7 +83,7 @@ fn entry_from_row(
     worker: &str,
     row: &tokio_postgres::Row,
 ) -> Result<LedgerEntry, StoreError> {
-    let Json(result): Json<Value> = row.try_get(5)?;
+    let result: String = row.try_get(5)?;
     Ok(LedgerEntry {
         event_id: event_id.to_owned(),
         worker: worker.to_owned(),
@@ -152,7 +150,7 @@ impl Store {
             .prepare_cached(
                 "WITH input AS ( \
                    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-                   $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int4[], \
+                   $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[], \
                    $11::int8[], $12::int8[]) WITH ORDINALITY AS i(event_id, worker, org_id, \
                    ticket_id, result_id, outcome, input_hash, result, model, requests, \
                    prompt_tokens, completion_tokens, n) \
@@ -160,7 +158,7 @@ impl Store {
                    INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
                    outcome, input_hash, result, model, requests, prompt_tokens, completion_tokens) \
                    SELECT event_id, worker, org_id, ticket_id, result_id, outcome, input_hash, \
-                   result, model, requests, prompt_tokens, completion_tokens \
+                   result::json, model, requests, prompt_tokens, completion_tokens \
                    FROM input ORDER BY event_id, worker \
                    ON CONFLICT (event_id, worker) DO NOTHING RETURNING event_id, worker \
                  ), released AS ( \
@@ -185,7 +183,7 @@ impl Store {
             .iter()
             .map(|(e, _)| e.input_hash.as_deref())
             .collect();
-        let results: Vec<Json<&Value>> = records.iter().map(|(e, _)| Json(&e.result)).collect();
+        let results = column(|(e, _)| &e.result);
         let requests: Vec<i32> = records
             .iter()
             .map(|(_, u)| i32::try_from(u.requests).unwrap_or(i32::MAX))
@@ -258,7 +256,7 @@ impl Store {
                    expires_at = EXCLUDED.expires_at \
                    WHERE event_claims.expires_at < now() OR event_claims.holder = EXCLUDED.holder \
                    RETURNING event_id, worker \
-                 ) SELECT p.org_id, p.ticket_id, p.result_id, p.outcome, p.input_hash, p.result, \
+                 ) SELECT p.org_id, p.ticket_id, p.result_id, p.outcome, p.input_hash, p.result::text, \
                    (SELECT h.input_hash FROM processed_events h WHERE h.org_id = i.org_id \
                     AND h.ticket_id = i.ticket_id AND h.worker = i.worker \
                     AND h.outcome = 'completed' ORDER BY h.created_at DESC LIMIT 1), \
