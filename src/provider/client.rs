@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Profile;
 use super::guard::{self, EndpointRefused, GuardedResolver};
@@ -78,6 +78,34 @@ pub struct ChatRequest {
     pub response_format: ResponseFormat,
 }
 
+/// The chat completion request as sent, borrowing what it can from the [`ChatRequest`].
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    messages: &'a [ChatMessage],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<FormatBody<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum FormatBody<'a> {
+    JsonObject,
+    JsonSchema { json_schema: SchemaBody<'a> },
+}
+
+#[derive(Serialize)]
+struct SchemaBody<'a> {
+    name: &'a str,
+    schema: &'a Value,
+    strict: bool,
+}
+
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatReply {
@@ -125,20 +153,22 @@ impl ProviderClient {
         target: &ProviderTarget,
         request: &ChatRequest,
     ) -> Result<ChatReply, ProviderError> {
-        let mut request = request.clone();
+        // What a refusal takes away; the request itself is not copied.
+        let mut temperature = request.temperature;
+        let mut format = request.response_format.clone();
         let mut downgrades = 0;
         loop {
-            match self.send(target, &request).await {
+            match self.send(target, request, temperature, &format).await {
                 Err(ProviderError::Status {
                     status: 400,
                     code: Some(ref code),
                     ..
                 }) if downgrades < 2 && code.starts_with("param:") => {
                     let param = &code["param:".len()..];
-                    if param == "temperature" && request.temperature.is_some() {
-                        request.temperature = None;
+                    if param == "temperature" && temperature.is_some() {
+                        temperature = None;
                     } else if param == "response_format" {
-                        request.response_format = match request.response_format {
+                        format = match format {
                             ResponseFormat::JsonSchema { .. } => ResponseFormat::JsonObject,
                             _ => ResponseFormat::Text,
                         };
@@ -161,6 +191,8 @@ impl ProviderClient {
         &self,
         target: &ProviderTarget,
         request: &ChatRequest,
+        temperature: Option<f64>,
+        format: &ResponseFormat,
     ) -> Result<ChatReply, ProviderError> {
         let mut url = guard::check_url(&target.base_url, self.policy)?;
         {
@@ -171,32 +203,31 @@ impl ProviderClient {
             let version = target.api_version.as_deref().unwrap_or("2024-10-21");
             url.query_pairs_mut().append_pair("api-version", version);
         }
-        let mut body = json!({ "messages": request.messages });
-        if target.profile != Profile::Azure {
-            body["model"] = json!(target.model);
-        }
-        if let Some(temperature) = request.temperature {
-            body["temperature"] = json!(temperature);
-        }
-        if let Some(max_tokens) = request.max_tokens {
-            body["max_tokens"] = json!(max_tokens);
-        }
-        match &request.response_format {
-            ResponseFormat::Text => {}
-            ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
-            ResponseFormat::JsonSchema { name, schema } => {
-                body["response_format"] = json!({
-                    "type": "json_schema",
-                    "json_schema": {"name": name, "schema": schema.as_ref(), "strict": false}
-                });
-            }
-        }
+        let body = RequestBody {
+            model: (target.profile != Profile::Azure).then_some(target.model.as_str()),
+            messages: &request.messages,
+            temperature,
+            max_tokens: request.max_tokens,
+            response_format: match format {
+                ResponseFormat::Text => None,
+                ResponseFormat::JsonObject => Some(FormatBody::JsonObject),
+                ResponseFormat::JsonSchema { name, schema } => Some(FormatBody::JsonSchema {
+                    json_schema: SchemaBody {
+                        name,
+                        schema,
+                        strict: false,
+                    },
+                }),
+            },
+        };
+        let body = serde_json::to_vec(&body)
+            .map_err(|err| ProviderError::Malformed(format!("cannot encode the request: {err}")))?;
         let mut builder = self
             .http
             .post(url)
             .timeout(target.timeout)
             .header(CONTENT_TYPE, "application/json")
-            .body(body.to_string());
+            .body(body);
         match (&target.api_key, target.profile) {
             (Some(key), Profile::Azure) => {
                 builder = builder.header("api-key", sensitive(key.expose_secret())?);
