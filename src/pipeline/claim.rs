@@ -24,7 +24,7 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
 /// A held claim. Its lease is renewed with every other claim of this process until the
-/// result is recorded (which deletes it) or it is released.
+/// result is recorded (then it lapses and is purged) or it is released.
 pub(super) struct Claim {
     store: Store,
     event_id: String,
@@ -44,11 +44,12 @@ impl Claim {
         }
     }
 
-    /// The result was recorded, which removed the claim row.
+    /// The result was recorded: the claim is no longer renewed, lapses, and is purged.
     pub fn settled(self) {}
 }
 
-/// Renews every claim this process holds, every `RENEW_EVERY`, until `stop`.
+/// Renews every claim this process holds for an event not yet recorded, and purges lapsed
+/// claims, every `RENEW_EVERY`, until `stop`.
 pub async fn renew_claims(
     store: Store,
     instance: String,
@@ -61,6 +62,9 @@ pub async fn renew_claims(
         }
         if let Err(err) = store.renew_claims(&instance, CLAIM_LEASE).await {
             tracing::warn!(error = %err, "claim renewal failed; retrying");
+        }
+        if let Err(err) = store.purge_lapsed_claims().await {
+            tracing::debug!(error = %err, "purging lapsed claims failed; next round");
         }
     }
 }

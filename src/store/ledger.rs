@@ -138,8 +138,10 @@ impl Store {
 
     /// Records decided results unless one is already there for their (event, worker), and
     /// returns, for each, the one that stands. Each run's provider usage is part of its row (so
-    /// a run is counted once, with its result), and the events' claims are released in the
-    /// same statement. One durable commit serves the whole batch. No two records may share an
+    /// a run is counted once, with its result). One durable commit serves the whole batch.
+    /// The events' claims are left to lapse: once the ledger row exists nothing reads them,
+    /// renewal skips them and [`Store::renew_claims`] purges them in bulk. (Deleting each one
+    /// here cost a join that Postgres planned as a scan of the whole, churning claims table.) No two records may share an
     /// (event, worker) (see [`Ledger`], which ensures it).
     pub async fn record_results(
         &self,
@@ -161,9 +163,6 @@ impl Store {
                    result::json, model, requests, prompt_tokens, completion_tokens \
                    FROM input ORDER BY event_id, worker \
                    ON CONFLICT (event_id, worker) DO NOTHING RETURNING event_id, worker \
-                 ), released AS ( \
-                   DELETE FROM event_claims c USING input i \
-                   WHERE c.event_id = i.event_id AND c.worker = i.worker \
                  ) SELECT EXISTS (SELECT 1 FROM inserted x \
                    WHERE x.event_id = i.event_id AND x.worker = i.worker) \
                  FROM input i ORDER BY i.n",
@@ -361,14 +360,30 @@ impl Store {
         Ok(client
             .execute(
                 "UPDATE event_claims SET expires_at = now() + make_interval(secs => $2) \
-                 WHERE (event_id, worker) IN (SELECT event_id, worker FROM event_claims \
-                   WHERE holder LIKE $1 FOR UPDATE SKIP LOCKED)",
+                 WHERE (event_id, worker) IN (SELECT c.event_id, c.worker FROM event_claims c \
+                   WHERE c.holder LIKE $1 AND NOT EXISTS (SELECT 1 FROM processed_events p \
+                     WHERE p.event_id = c.event_id AND p.worker = c.worker) \
+                   FOR UPDATE OF c SKIP LOCKED)",
                 &[&pattern, &lease.as_secs_f64()],
             )
             .await?)
     }
 
-    /// Gives a claim up (after the result is published, or when the event is parked).
+    /// Deletes the claims whose lease has lapsed: those of recorded results (no longer
+    /// renewed) and those of processes that died. Locked rows (being taken over) are skipped.
+    pub async fn purge_lapsed_claims(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                "DELETE FROM event_claims WHERE (event_id, worker) IN ( \
+                   SELECT event_id, worker FROM event_claims WHERE expires_at < now() \
+                   FOR UPDATE SKIP LOCKED)",
+                &[],
+            )
+            .await?)
+    }
+
+    /// Gives a claim up before its result exists (the event is parked or deferred).
     pub async fn release_claim(
         &self,
         event_id: &str,

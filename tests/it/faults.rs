@@ -586,6 +586,33 @@ async fn the_batched_ledger_keeps_first_results_and_single_claims() {
         .unwrap();
     assert!(next.decided.is_none() && next.claimed);
     assert_eq!(next.last_completed_hash.as_deref(), Some("hash_7"));
+    // Claims of recorded events are no longer renewed; the open run's claim is.
+    assert_eq!(
+        h.store
+            .renew_claims("first", Duration::from_secs(15))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        h.store
+            .renew_claims("late", Duration::from_secs(15))
+            .await
+            .unwrap(),
+        1
+    );
+    // A lapsed claim is purged, and then another holder may take the event.
+    h.store.renew_claims("late", Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(h.store.purge_lapsed_claims().await.unwrap() >= 1);
+    let taken = ledger
+        .begin_run(RunRequest {
+            event_id: format!("evt_{org}_new"),
+            ..request(7, "other-1")
+        })
+        .await
+        .unwrap();
+    assert!(taken.claimed, "the lapsed claim no longer holds the event");
     // Usage counted once per recorded run, not per attempt to record.
     let rows = h.store.usage(&org, "2000-01-01").await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 300);
