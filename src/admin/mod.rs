@@ -128,8 +128,9 @@ pub async fn test_org(
             .map_or(Duration::from_secs(30), Duration::from_secs),
         api_version: config.params.api_version.clone(),
     };
+    let messages = [ChatMessage::new("user", "Reply with the single word: ok")];
     let request = ChatRequest {
-        messages: vec![ChatMessage::new("user", "Reply with the single word: ok")],
+        messages: &messages,
         temperature: None,
         max_tokens: Some(5),
         response_format: ResponseFormat::Text,

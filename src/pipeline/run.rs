@@ -82,10 +82,11 @@ impl Pipeline {
         prepared: &Prepared,
         spent: &mut Spent,
     ) -> Run {
-        let mut messages = prepared.messages.clone();
+        // The prompt is lent to the request; it is copied only for the corrective re-ask.
+        let mut reask: Option<Vec<ChatMessage>> = None;
         loop {
             let request = ChatRequest {
-                messages: messages.clone(),
+                messages: reask.as_deref().unwrap_or(&prepared.messages),
                 temperature: config.params.temperature.or(worker.spec.temperature),
                 max_tokens: config.params.max_tokens.or(worker.spec.max_tokens),
                 response_format: prepared.response_format.clone(),
@@ -139,6 +140,7 @@ impl Pipeline {
                     tracing::info!(%problem, "output invalid; asking once more");
                     spent.reasks += 1;
                     spent.attempts = 0;
+                    let messages = reask.get_or_insert_with(|| prepared.messages.clone());
                     messages.push(ChatMessage::new("assistant", reply.content));
                     messages.push(ChatMessage::new(
                         "user",

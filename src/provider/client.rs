@@ -71,8 +71,9 @@ pub enum ResponseFormat {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChatRequest {
-    pub messages: Vec<ChatMessage>,
+pub struct ChatRequest<'a> {
+    /// Borrowed: a call in flight holds no copy of its prompt.
+    pub messages: &'a [ChatMessage],
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
     pub response_format: ResponseFormat,
@@ -151,7 +152,7 @@ impl ProviderClient {
     pub async fn chat(
         &self,
         target: &ProviderTarget,
-        request: &ChatRequest,
+        request: &ChatRequest<'_>,
     ) -> Result<ChatReply, ProviderError> {
         // What a refusal takes away; the request itself is not copied.
         let mut temperature = request.temperature;
@@ -190,7 +191,7 @@ impl ProviderClient {
     async fn send(
         &self,
         target: &ProviderTarget,
-        request: &ChatRequest,
+        request: &ChatRequest<'_>,
         temperature: Option<f64>,
         format: &ResponseFormat,
     ) -> Result<ChatReply, ProviderError> {
@@ -205,7 +206,7 @@ impl ProviderClient {
         }
         let body = RequestBody {
             model: (target.profile != Profile::Azure).then_some(target.model.as_str()),
-            messages: &request.messages,
+            messages: request.messages,
             temperature,
             max_tokens: request.max_tokens,
             response_format: match format {

@@ -162,7 +162,10 @@ async fn misbehave(n: u64) -> Option<Response> {
     Some(match n % 10 {
         0 => error(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
         2 => {
-            let mut response = error(StatusCode::TOO_MANY_REQUESTS).into_response();
+            // As OpenAI answers a rate limit.
+            let body = json!({"error": {"message": "chaos: rate limit reached",
+                "type": "requests", "code": "rate_limit_exceeded"}});
+            let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
