@@ -4,6 +4,9 @@
 //! the row and republishes the very same result (same id, same bytes) without calling the
 //! provider; when two replicas race on one event, the first insert wins and both publish it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::batch::Batcher;
 use super::{Store, StoreError};
 
@@ -421,6 +424,15 @@ const MAX_BATCH: usize = 256;
 /// events/s, than four; two keep a slow statement from stalling its kind.
 const FLUSHES: usize = 2;
 
+/// Whether going from `before` to `after` recorded results passes 1,000, 10,000 or 100,000:
+/// the points where a ledger that started (nearly) empty has grown enough that plans made at
+/// the start should be made again (see [`Store::renew_idle_connections`]).
+fn crosses_replan_mark(before: u64, after: u64) -> bool {
+    [1_000, 10_000, 100_000]
+        .into_iter()
+        .any(|mark| before < mark && after >= mark)
+}
+
 /// The hot path's way to the ledger: starts runs and records results through batchers, so
 /// that under load one statement (and one commit) serves many events.
 #[derive(Clone)]
@@ -455,10 +467,24 @@ impl Ledger {
             |(e, _): &(LedgerEntry, UsageRecord)| (e.event_id.clone(), e.worker.clone()),
             {
                 let store = store.clone();
+                let recorded = Arc::new(AtomicU64::new(0));
                 move |records: Vec<(LedgerEntry, UsageRecord)>| {
                     let store = store.clone();
+                    let recorded = recorded.clone();
                     async move {
                         let outcome = store.record_results(&records).await;
+                        if outcome.is_ok() {
+                            let n = records.len() as u64;
+                            let before = recorded.fetch_add(n, Ordering::Relaxed);
+                            if crosses_replan_mark(before, before + n) {
+                                let closed = store.renew_idle_connections();
+                                tracing::debug!(
+                                    recorded = before + n,
+                                    closed,
+                                    "renewed idle connections so that plans see the grown ledger"
+                                );
+                            }
+                        }
                         (records, outcome)
                     }
                 }
@@ -479,5 +505,20 @@ impl Ledger {
         usage: UsageRecord,
     ) -> Result<LedgerEntry, StoreError> {
         self.records.submit((entry, usage)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crosses_replan_mark;
+
+    #[test]
+    fn plans_are_renewed_once_at_each_mark() {
+        assert!(!crosses_replan_mark(0, 999));
+        assert!(crosses_replan_mark(999, 1_000));
+        assert!(crosses_replan_mark(990, 1_200));
+        assert!(!crosses_replan_mark(1_000, 1_500));
+        assert!(crosses_replan_mark(9_990, 10_100));
+        assert!(!crosses_replan_mark(100_000, 1_000_000_000));
     }
 }

@@ -106,6 +106,19 @@ impl Store {
         Ok(self.pool.get().await?)
     }
 
+    /// Closes the idle connections opened before now; the pool opens fresh ones on demand.
+    /// Postgres keeps a prepared statement's generic plan for the life of its connection, and
+    /// a plan made while a table was nearly empty (a new ledger) scans the table once it has
+    /// grown, until autovacuum's next ANALYZE: fresh connections plan again with the current
+    /// table sizes. Connections in use are left alone.
+    pub fn renew_idle_connections(&self) -> usize {
+        let now = std::time::Instant::now();
+        self.pool
+            .retain(|_, metrics| metrics.created >= now)
+            .removed
+            .len()
+    }
+
     /// Whether a connection can be had and answers.
     pub async fn ping(&self) -> bool {
         match self.pool.get().await {

@@ -613,6 +613,13 @@ async fn the_batched_ledger_keeps_first_results_and_single_claims() {
         .await
         .unwrap();
     assert!(taken.claimed, "the lapsed claim no longer holds the event");
+    // Idle connections can be renewed (fresh plans) without disturbing the ledger.
+    assert!(
+        h.store.renew_idle_connections() >= 1,
+        "idle connections were closed"
+    );
+    let after = ledger.begin_run(request(8, "late-1")).await.unwrap();
+    assert_eq!(text_of(&after.decided.unwrap()), "first");
     // Usage counted once per recorded run, not per attempt to record.
     let rows = h.store.usage(&org, "2000-01-01").await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 300);
