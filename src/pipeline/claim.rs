@@ -19,7 +19,7 @@ use crate::workers::Worker;
 /// How long a claim lives without renewal.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(15);
 /// How often a process renews its claims.
-pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// How often a waiting delivery looks for the holder's result.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 

@@ -119,25 +119,19 @@ async fn answer(
         .pointer("/response_format/json_schema/schema")
         .cloned()
         .unwrap_or(Value::Null);
-    let whole: String = body
+    let contents: Vec<&str> = body
         .get("messages")
         .and_then(Value::as_array)
         .map(|messages| {
             messages
                 .iter()
                 .filter_map(|message| message.get("content").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join("\n")
+                .collect()
         })
         .unwrap_or_default();
+    let whole = contents.join("\n");
     // The ticket is in the last (user) message; the system prompt carries tone and language.
-    let ticket = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .and_then(|messages| messages.last())
-        .and_then(|message| message.get("content"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let ticket = contents.last().copied().unwrap_or("");
     let output = compose(worker, &schema, ticket, &whole);
     let content = output.to_string();
     let reply = json!({

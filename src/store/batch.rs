@@ -207,24 +207,24 @@ mod tests {
         (batcher, batches)
     }
 
+    fn spawn_submit(
+        batcher: &Batcher<u32, u32>,
+        n: u32,
+    ) -> tokio::task::JoinHandle<Result<u32, StoreError>> {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.submit(n).await })
+    }
+
     #[tokio::test]
     async fn requests_arriving_during_a_statement_share_the_next_one() {
         let (batcher, batches) = doubler(1, Duration::from_millis(50));
-        let first = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(1).await.unwrap() }
-        });
+        let first = spawn_submit(&batcher, 1);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let rest: Vec<_> = (100..139)
-            .map(|n| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.submit(n).await.unwrap() })
-            })
-            .collect();
-        assert_eq!(first.await.unwrap(), 2);
+        let rest: Vec<_> = (100..139).map(|n| spawn_submit(&batcher, n)).collect();
+        assert_eq!(first.await.unwrap().unwrap(), 2);
         for (n, handle) in (100..139).zip(rest) {
             assert_eq!(
-                handle.await.unwrap(),
+                handle.await.unwrap().unwrap(),
                 n * 2,
                 "each caller gets its own answer"
             );
@@ -242,21 +242,15 @@ mod tests {
     #[tokio::test]
     async fn equal_keys_never_share_a_statement() {
         let (batcher, batches) = doubler(1, Duration::from_millis(20));
-        let blocker = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(100).await }
-        });
+        let blocker = spawn_submit(&batcher, 100);
         tokio::time::sleep(Duration::from_millis(5)).await;
         let twins: Vec<_> = [7, 7, 8]
             .into_iter()
-            .map(|n| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.submit(n).await.unwrap() })
-            })
+            .map(|n| spawn_submit(&batcher, n))
             .collect();
         blocker.await.unwrap().unwrap();
         for handle in twins {
-            handle.await.unwrap();
+            handle.await.unwrap().unwrap();
         }
         for batch in batches.lock().unwrap().iter() {
             assert!(
@@ -269,17 +263,11 @@ mod tests {
     #[tokio::test]
     async fn a_refused_request_does_not_fail_its_batch_mates() {
         let (batcher, _) = doubler(1, Duration::from_millis(20));
-        let blocker = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(1).await }
-        });
+        let blocker = spawn_submit(&batcher, 1);
         tokio::time::sleep(Duration::from_millis(5)).await;
         let handles: Vec<_> = [12, 13, 14]
             .into_iter()
-            .map(|n| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.submit(n).await })
-            })
+            .map(|n| spawn_submit(&batcher, n))
             .collect();
         blocker.await.unwrap().unwrap();
         let results: Vec<_> = futures_util::future::join_all(handles)

@@ -69,6 +69,23 @@ pub struct UsageRow {
 const SELECT_ENTRY: &str = "SELECT org_id, ticket_id, result_id, outcome, input_hash, result::text \
                             FROM processed_events WHERE event_id = $1 AND worker = $2";
 
+/// The decided row of (event, worker), if any, on `client`.
+async fn select_entry(
+    client: &deadpool_postgres::Client,
+    event_id: &str,
+    worker: &str,
+) -> Result<Option<LedgerEntry>, StoreError> {
+    let statement = client.prepare_cached(SELECT_ENTRY).await?;
+    let row = client.query_opt(&statement, &[&event_id, &worker]).await?;
+    row.map(|row| entry_from_row(event_id, worker, &row))
+        .transpose()
+}
+
+/// One text column of a batch, for an `unnest($n::text[])` parameter.
+fn texts<T>(items: &[T], field: fn(&T) -> &str) -> Vec<&str> {
+    items.iter().map(field).collect()
+}
+
 /// A batched statement answers with one row per input row.
 fn one_row_each(rows: &[tokio_postgres::Row], inputs: usize) -> Result<(), StoreError> {
     if rows.len() == inputs {
@@ -132,11 +149,7 @@ impl Store {
         event_id: &str,
         worker: &str,
     ) -> Result<Option<LedgerEntry>, StoreError> {
-        let client = self.client().await?;
-        let statement = client.prepare_cached(SELECT_ENTRY).await?;
-        let row = client.query_opt(&statement, &[&event_id, &worker]).await?;
-        row.map(|row| entry_from_row(event_id, worker, &row))
-            .transpose()
+        select_entry(&self.client().await?, event_id, worker).await
     }
 
     /// Records decided results unless one is already there for their (event, worker), and
@@ -171,21 +184,18 @@ impl Store {
                  FROM input i ORDER BY i.n",
             )
             .await?;
-        let column = |f: fn(&(LedgerEntry, UsageRecord)) -> &str| -> Vec<&str> {
-            records.iter().map(f).collect()
-        };
-        let event_ids = column(|(e, _)| &e.event_id);
-        let workers = column(|(e, _)| &e.worker);
-        let org_ids = column(|(e, _)| &e.org_id);
-        let ticket_ids = column(|(e, _)| &e.ticket_id);
-        let result_ids = column(|(e, _)| &e.result_id);
-        let outcomes = column(|(e, _)| &e.outcome);
-        let models = column(|(_, u)| &u.model);
+        let event_ids = texts(records, |(e, _)| &e.event_id);
+        let workers = texts(records, |(e, _)| &e.worker);
+        let org_ids = texts(records, |(e, _)| &e.org_id);
+        let ticket_ids = texts(records, |(e, _)| &e.ticket_id);
+        let result_ids = texts(records, |(e, _)| &e.result_id);
+        let outcomes = texts(records, |(e, _)| &e.outcome);
+        let models = texts(records, |(_, u)| &u.model);
         let hashes: Vec<Option<&str>> = records
             .iter()
             .map(|(e, _)| e.input_hash.as_deref())
             .collect();
-        let results = column(|(e, _)| &e.result);
+        let results = texts(records, |(e, _)| &e.result);
         let requests: Vec<i32> = records
             .iter()
             .map(|(_, u)| i32::try_from(u.requests).unwrap_or(i32::MAX))
@@ -219,14 +229,12 @@ impl Store {
                 continue;
             }
             // Another delivery decided it first: its result stands.
-            let statement = client.prepare_cached(SELECT_ENTRY).await?;
-            let row = client
-                .query_opt(&statement, &[&entry.event_id, &entry.worker])
+            let stored = select_entry(&client, &entry.event_id, &entry.worker)
                 .await?
                 .ok_or_else(|| {
                     StoreError::Invalid("ledger row vanished after a conflict".into())
                 })?;
-            standing.push(entry_from_row(&entry.event_id, &entry.worker, &row)?);
+            standing.push(stored);
         }
         Ok(standing)
     }
@@ -270,12 +278,11 @@ impl Store {
                  ORDER BY i.n",
             )
             .await?;
-        let column = |f: fn(&RunRequest) -> &str| -> Vec<&str> { requests.iter().map(f).collect() };
-        let event_ids = column(|r| &r.event_id);
-        let workers = column(|r| &r.worker);
-        let org_ids = column(|r| &r.org_id);
-        let ticket_ids = column(|r| &r.ticket_id);
-        let holders = column(|r| &r.holder);
+        let event_ids = texts(requests, |r| &r.event_id);
+        let workers = texts(requests, |r| &r.worker);
+        let org_ids = texts(requests, |r| &r.org_id);
+        let ticket_ids = texts(requests, |r| &r.ticket_id);
+        let holders = texts(requests, |r| &r.holder);
         let lease = lease.as_secs_f64();
         let rows = client
             .query(
@@ -433,6 +440,32 @@ fn crosses_replan_mark(before: u64, after: u64) -> bool {
         .any(|mark| before < mark && after >= mark)
 }
 
+/// Records one batch and counts what this process has recorded, renewing the idle
+/// connections (and so their plans) when the count passes a mark.
+async fn record_batch(
+    store: Store,
+    recorded: Arc<AtomicU64>,
+    records: Vec<(LedgerEntry, UsageRecord)>,
+) -> (
+    Vec<(LedgerEntry, UsageRecord)>,
+    Result<Vec<LedgerEntry>, StoreError>,
+) {
+    let outcome = store.record_results(&records).await;
+    if outcome.is_ok() {
+        let n = records.len() as u64;
+        let before = recorded.fetch_add(n, Ordering::Relaxed);
+        if crosses_replan_mark(before, before + n) {
+            let closed = store.renew_idle_connections();
+            tracing::debug!(
+                recorded = before + n,
+                closed,
+                "renewed idle connections so that plans see the grown ledger"
+            );
+        }
+    }
+    (records, outcome)
+}
+
 /// The hot path's way to the ledger: starts runs and records results through batchers, so
 /// that under load one statement (and one commit) serves many events.
 #[derive(Clone)]
@@ -468,26 +501,7 @@ impl Ledger {
             {
                 let store = store.clone();
                 let recorded = Arc::new(AtomicU64::new(0));
-                move |records: Vec<(LedgerEntry, UsageRecord)>| {
-                    let store = store.clone();
-                    let recorded = recorded.clone();
-                    async move {
-                        let outcome = store.record_results(&records).await;
-                        if outcome.is_ok() {
-                            let n = records.len() as u64;
-                            let before = recorded.fetch_add(n, Ordering::Relaxed);
-                            if crosses_replan_mark(before, before + n) {
-                                let closed = store.renew_idle_connections();
-                                tracing::debug!(
-                                    recorded = before + n,
-                                    closed,
-                                    "renewed idle connections so that plans see the grown ledger"
-                                );
-                            }
-                        }
-                        (records, outcome)
-                    }
-                }
+                move |records| record_batch(store.clone(), recorded.clone(), records)
             },
         );
         Ledger { runs, records }
