@@ -28,8 +28,18 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
         .with_connection_name(name.into())
         .with_backoff(reconnect)
         .enable_auto_recover();
-    Connection::connect(url, properties).await
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|err: String| lapin::Error::from(std::io::Error::other(err)))?;
+    // lapin keeps 32 frames of read and of write buffer per connection, zero-filled: 8 MiB
+    // per connection at RabbitMQ's default frame_max (128 KiB). Our messages take a few KiB;
+    // a larger one spans several frames. A `frame_max` in the URL wins.
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Connection::connect_uri(uri, properties).await
 }
+
+/// The largest AMQP frame we propose (the broker may lower it).
+const FRAME_MAX: u32 = 32 * 1024;
 
 /// Consumes everything published to `exchange` from now on, through a temporary exclusive
 /// queue (for downstream-style listeners: the demo, the benchmark, tests).

@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use secrecy::SecretString;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use claim::Claim;
 pub use deliver::{ATTEMPTS_HEADER, REASON_HEADER};
 use run::{Run, Spent};
 
@@ -35,7 +37,7 @@ use crate::store::configs::ProviderConfig;
 use crate::store::ledger::{Ledger, LedgerEntry, RunRequest, UsageRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry as m;
-use crate::workers::Worker;
+use crate::workers::{Prepared, Worker};
 
 /// Everything a delivery needs, shared by all tasks.
 pub struct Pipeline {
@@ -74,7 +76,8 @@ impl Pipeline {
         ) {
             Err(bad) => {
                 tracing::warn!(worker = worker.name(), reason = bad.reason(), error = %bad, "dead-lettering bad input");
-                self.dead_letter(&worker, &delivery, bad.reason(), &bad.to_string())
+                // Boxed: a rare path that would otherwise widen every delivery's future.
+                Box::pin(self.dead_letter(&worker, &delivery, bad.reason(), &bad.to_string()))
                     .await;
             }
             Ok(event) => {
@@ -92,6 +95,10 @@ impl Pipeline {
         metrics::gauge!(m::EVENTS_IN_FLIGHT).decrement(1.0);
     }
 
+    /// The run, in three steps: admit (config, prompt, ledger, claim, org gate), the provider
+    /// call, conclude (result, record, publish, ack). The first and the last are boxed
+    /// futures of their own: a delivery waiting on its provider (seconds, thousands of them
+    /// at once) then holds only what the call needs, not the state of every other step.
     async fn process(
         &self,
         worker: &Worker,
@@ -99,22 +106,70 @@ impl Pipeline {
         event: &TicketEvent,
         started: Instant,
     ) {
-        let org_id = event.data.org_id.as_str();
-        if !worker.handles(event.kind) {
-            return self.skip(worker, delivery, "not_subscribed").await;
-        }
-        let Some(config) = self.db(|| self.configs.get(org_id)).await else {
+        let Some(admitted) = Box::pin(self.admit(worker, delivery, event)).await else {
             return;
         };
+        let config = &admitted.config;
+        let mut spent = Spent::new(&admitted.model, admitted.attempts_before);
+        let run = match self.key_for(config) {
+            Ok(api_key) => {
+                let target = ProviderTarget {
+                    profile: config.profile,
+                    base_url: config.base_url.clone(),
+                    api_key,
+                    model: admitted.model,
+                    timeout: config
+                        .params
+                        .timeout_secs
+                        .map_or(self.provider_timeout, Duration::from_secs),
+                    api_version: config.params.api_version.clone(),
+                };
+                self.run_provider(worker, config, &target, &admitted.prepared, &mut spent)
+                    .await
+            }
+            Err(class) => Run::Failed {
+                class,
+                message:
+                    "the org's stored API key cannot be decrypted with the configured master keys"
+                        .into(),
+            },
+        };
+        drop(admitted.permit);
+        let ran = Ran {
+            run,
+            spent,
+            claim: admitted.claim,
+            input_hash: admitted.prepared.input_hash,
+        };
+        Box::pin(self.conclude(worker, delivery, event, started, ran)).await;
+    }
+
+    /// Everything before the provider call. `None` when the delivery was answered here
+    /// (skipped, dead-lettered, parked, republished) or must be left to the broker.
+    async fn admit(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        event: &TicketEvent,
+    ) -> Option<Admitted> {
+        let org_id = event.data.org_id.as_str();
+        if !worker.handles(event.kind) {
+            self.skip(worker, delivery, "not_subscribed").await;
+            return None;
+        }
+        let config = self.db(|| self.configs.get(org_id)).await?;
         let Some(config) = config else {
             tracing::info!("org has no provider config; skipped, no request made");
-            return self.skip(worker, delivery, "no_config").await;
+            self.skip(worker, delivery, "no_config").await;
+            return None;
         };
         if !config.enabled {
-            return self.skip(worker, delivery, "disabled").await;
+            self.skip(worker, delivery, "disabled").await;
+            return None;
         }
         if !config.runs(worker.name()) {
-            return self.skip(worker, delivery, "worker_disabled").await;
+            self.skip(worker, delivery, "worker_disabled").await;
+            return None;
         }
         let model = config.model_for(worker.name()).to_owned();
         let mode = config.profile.structured_mode();
@@ -128,9 +183,9 @@ impl Pipeline {
             Ok(prepared) => prepared,
             Err(err) => {
                 tracing::error!(error = %err, "worker prompt failed to render");
-                return self
-                    .dead_letter(worker, delivery, "render_failed", &err.to_string())
+                self.dead_letter(worker, delivery, "render_failed", &err.to_string())
                     .await;
+                return None;
             }
         };
         if prepared.trim.omitted_messages > 0 || prepared.trim.shortened_messages > 0 {
@@ -150,29 +205,26 @@ impl Pipeline {
             holder: holder.clone(),
         };
         let step = Instant::now();
-        let Some(start) = self.db(|| self.ledger.begin_run(request.clone())).await else {
-            return;
-        };
+        let start = self.db(|| self.ledger.begin_run(request.clone())).await?;
         m::record_step("start", step);
         if let Some(entry) = start.decided {
             tracing::info!("already decided; republishing the recorded result");
             if self.publish_result(delivery, &entry).await {
                 self.skip(worker, delivery, "duplicate").await;
             }
-            return;
+            return None;
         }
         let claim = if start.claimed {
             self.hold(event, worker, holder)
         } else {
-            match self.wait_for_holder(worker, delivery, event, holder).await {
-                Some(claim) => claim,
-                None => return,
-            }
+            self.wait_for_holder(worker, delivery, event, holder)
+                .await?
         };
         if start.last_completed_hash.as_deref() == Some(prepared.input_hash.as_str()) {
             tracing::info!("ticket content unchanged since the last run; skipped");
             claim.release().await;
-            return self.skip(worker, delivery, "unchanged").await;
+            self.skip(worker, delivery, "unchanged").await;
+            return None;
         }
 
         let attempts_before = deliver::attempts_header(delivery);
@@ -180,36 +232,39 @@ impl Pipeline {
             gate::Admission::Go(permit) => permit,
             gate::Admission::Defer { delay, reason } => {
                 claim.release().await;
-                return self
-                    .park(worker, delivery, delay, attempts_before, reason)
+                self.park(worker, delivery, delay, attempts_before, reason)
                     .await;
+                return None;
             }
         };
-        let mut spent = Spent::new(&model, attempts_before);
-        let run = match self.key_for(&config) {
-            Ok(api_key) => {
-                let target = ProviderTarget {
-                    profile: config.profile,
-                    base_url: config.base_url.clone(),
-                    api_key,
-                    model,
-                    timeout: config
-                        .params
-                        .timeout_secs
-                        .map_or(self.provider_timeout, Duration::from_secs),
-                    api_version: config.params.api_version.clone(),
-                };
-                self.run_provider(worker, &config, &target, &prepared, &mut spent)
-                    .await
-            }
-            Err(class) => Run::Failed {
-                class,
-                message:
-                    "the org's stored API key cannot be decrypted with the configured master keys"
-                        .into(),
-            },
-        };
-        drop(permit);
+        Some(Admitted {
+            config,
+            prepared,
+            model,
+            claim,
+            permit,
+            attempts_before,
+        })
+    }
+
+    /// Everything after the provider call: the result event, the ledger, the publish, the
+    /// ack (or the park, or the dead letter after exhausted retries).
+    async fn conclude(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        event: &TicketEvent,
+        started: Instant,
+        ran: Ran,
+    ) {
+        let Ran {
+            run,
+            spent,
+            claim,
+            input_hash,
+        } = ran;
+        let org_id = event.data.org_id.as_str();
+        let ticket_id = event.data.ticket.id.as_str();
         spent.record_tokens(worker.name());
         self.gates.record(org_id, run.provider_answered());
         let (output, error) = match run {
@@ -261,7 +316,7 @@ impl Pipeline {
                 "failed"
             }
             .to_owned(),
-            input_hash: Some(prepared.input_hash.clone()),
+            input_hash: Some(input_hash),
             result: serde_json::to_string(&result).unwrap_or_default(),
         };
         let usage = spent.usage_record();
@@ -336,6 +391,27 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// What [`Pipeline::admit`] hands to the provider call.
+struct Admitted {
+    config: Arc<ProviderConfig>,
+    prepared: Prepared,
+    /// The model asked for (the org's, or its override for this worker).
+    model: String,
+    claim: Claim,
+    /// The org gate's permit, held for the duration of the call.
+    permit: OwnedSemaphorePermit,
+    /// Attempts spent before the event was parked.
+    attempts_before: u32,
+}
+
+/// What the provider call hands to [`Pipeline::conclude`].
+struct Ran {
+    run: Run,
+    spent: Spent,
+    claim: Claim,
+    input_hash: String,
 }
 
 impl Spent {

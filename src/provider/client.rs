@@ -138,6 +138,13 @@ impl ProviderClient {
             // burst); an idle one is closed after a minute.
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("copilot-workers/", env!("CARGO_PKG_VERSION")))
+            // HTTP/1.1 only: with HTTP/2, hyper puts every call to a host on one connection
+            // and never opens a second, so all orgs on one provider (api.openai.com) would
+            // share that connection's stream limit (often 100-256 calls in flight).
+            .http1_only()
+            // Retries are ours (`retry.rs`); reqwest's own would keep a copy of every request
+            // in flight for a retry we never want.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|err| ProviderError::Connect(err.to_string()))?;
         Ok(ProviderClient { http, policy })
@@ -223,6 +230,9 @@ impl ProviderClient {
         };
         let body = serde_json::to_vec(&body)
             .map_err(|err| ProviderError::Malformed(format!("cannot encode the request: {err}")))?;
+        // The body lives until the answer comes: keep it at its size, not at the capacity the
+        // serializer grew to (up to twice as much, times every call in flight).
+        let body = body.as_slice().to_vec();
         let mut builder = self
             .http
             .post(url)

@@ -295,3 +295,22 @@ async fn the_rabbitmq_definitions_match_what_the_service_declares() {
     rabbitmqctl(&["delete_vhost", &vhost]);
     let _ = std::fs::remove_file(path);
 }
+
+/// lapin sizes each connection's buffers by `frame_max` (32 frames each way, zero-filled):
+/// ours proposes 32 KiB instead of RabbitMQ's 128 KiB, and a `frame_max` in the URL wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frames_default_to_32_kib_and_the_url_can_change_that() {
+    let connection = copilot_workers::broker::connect(AMQP_URL, "copilot-workers tests frames")
+        .await
+        .unwrap();
+    assert_eq!(connection.configuration().frame_max(), 32 * 1024);
+    connection.close(200, "done".into()).await.unwrap();
+    let url = format!("{AMQP_URL}?frame_max=65536");
+    let connection = copilot_workers::broker::connect(&url, "copilot-workers tests frames")
+        .await
+        .unwrap();
+    assert_eq!(connection.configuration().frame_max(), 65536);
+    connection.close(200, "done".into()).await.unwrap();
+    let refused = copilot_workers::broker::connect("amqp://[::1", "bad").await;
+    assert!(refused.is_err(), "a malformed URL is an error, not a panic");
+}
