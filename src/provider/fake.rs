@@ -11,10 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use tokio_util::sync::CancellationToken;
 
 /// How the fake behaves.
@@ -87,11 +91,69 @@ impl Drop for FakeProvider {
     }
 }
 
-async fn answer(
-    State(state): State<Arc<FakeState>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
+/// The parts of a chat completion request the fake reads, borrowed from the body where
+/// the JSON allows (a string with escapes is copied). The schema stays raw text until a
+/// worker's answer needs it: parsing every request whole would put the fake's CPU, which
+/// shares the machine with the worker under `bench`, on the worker's bill.
+#[derive(Deserialize)]
+struct FakeRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    messages: Vec<FakeMessage<'a>>,
+    #[serde(borrow, default)]
+    response_format: Option<FakeFormat<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FakeMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct FakeFormat<'a> {
+    #[serde(borrow, default)]
+    json_schema: Option<FakeSchema<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FakeSchema<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    schema: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct FakeReply<'a> {
+    id: &'static str,
+    object: &'static str,
+    model: &'a str,
+    choices: [FakeChoice; 1],
+    usage: FakeUsage,
+}
+
+#[derive(Serialize)]
+struct FakeChoice {
+    index: u32,
+    finish_reason: &'static str,
+    message: FakeAnswer,
+}
+
+#[derive(Serialize)]
+struct FakeAnswer {
+    role: &'static str,
+    content: String,
+}
+
+#[derive(Serialize)]
+struct FakeUsage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn answer(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(expected) = &state.behaviour.expected_key {
         let given = headers
             .get("authorization")
@@ -111,37 +173,49 @@ async fn answer(
     {
         return response;
     }
-    let worker = body
-        .pointer("/response_format/json_schema/name")
-        .and_then(Value::as_str)
+    let request: FakeRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            let error = json!({"error": {"message": format!("invalid JSON body: {err}"),
+                "type": "invalid_request_error", "code": null}});
+            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+        }
+    };
+    let format = request
+        .response_format
+        .as_ref()
+        .and_then(|format| format.json_schema.as_ref());
+    let worker = format
+        .and_then(|format| format.name.as_deref())
         .unwrap_or("");
-    let schema = body
-        .pointer("/response_format/json_schema/schema")
-        .cloned()
-        .unwrap_or(Value::Null);
-    let contents: Vec<&str> = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(|messages| {
-            messages
-                .iter()
-                .filter_map(|message| message.get("content").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
+    let schema = format.and_then(|format| format.schema);
+    let contents: Vec<&str> = request
+        .messages
+        .iter()
+        .filter_map(|message| message.content.as_deref())
+        .collect();
     let whole = contents.join("\n");
     // The ticket is in the last (user) message; the system prompt carries tone and language.
     let ticket = contents.last().copied().unwrap_or("");
-    let output = compose(worker, &schema, ticket, &whole);
-    let content = output.to_string();
-    let reply = json!({
-        "id": "chatcmpl-fake",
-        "object": "chat.completion",
-        "model": body.get("model").and_then(Value::as_str).unwrap_or("fake-model"),
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": whole.len().div_ceil(4), "completion_tokens": content.len().div_ceil(4)}
-    });
+    let content = compose(worker, schema, ticket, &whole).to_string();
+    let usage = FakeUsage {
+        prompt_tokens: whole.len().div_ceil(4),
+        completion_tokens: content.len().div_ceil(4),
+    };
+    let reply = FakeReply {
+        id: "chatcmpl-fake",
+        object: "chat.completion",
+        model: request.model.as_deref().unwrap_or("fake-model"),
+        choices: [FakeChoice {
+            index: 0,
+            finish_reason: "stop",
+            message: FakeAnswer {
+                role: "assistant",
+                content,
+            },
+        }],
+        usage,
+    };
     Json(reply).into_response()
 }
 
@@ -216,7 +290,12 @@ fn guess_language(text: &str) -> &'static str {
 
 /// Builds an output for `worker` from the prompt text; unknown workers get a minimal
 /// instance of their schema.
-fn compose(worker: &str, schema: &Value, prompt: &str, whole: &str) -> Value {
+fn compose(worker: &str, schema: Option<&RawValue>, prompt: &str, whole: &str) -> Value {
+    let schema = || -> Value {
+        schema
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .unwrap_or(Value::Null)
+    };
     let subject = line_after(prompt, "Subject:").unwrap_or("the ticket");
     let customer: Vec<&str> = prompt
         .lines()
@@ -249,7 +328,7 @@ fn compose(worker: &str, schema: &Value, prompt: &str, whole: &str) -> Value {
             "open_questions": if lower.contains('?') { vec!["Which account or order is affected?".to_owned()] } else { vec![] },
         }),
         "triage" => {
-            let categories: Vec<String> = schema
+            let categories: Vec<String> = schema()
                 .pointer("/properties/category/enum")
                 .and_then(Value::as_array)
                 .map(|values| {
@@ -309,7 +388,7 @@ fn compose(worker: &str, schema: &Value, prompt: &str, whole: &str) -> Value {
                 "tone": line_after(whole, "Tone:").unwrap_or("friendly"),
             })
         }
-        _ => instance_of(schema),
+        _ => instance_of(&schema()),
     }
 }
 
@@ -348,6 +427,51 @@ fn instance_of(schema: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn ask(body: &str) -> (StatusCode, Value) {
+        let state = Arc::new(FakeState {
+            behaviour: FakeBehaviour {
+                latency: Duration::ZERO,
+                expected_key: None,
+                chaos: false,
+            },
+            requests: AtomicU64::new(0),
+        });
+        let response = answer(State(state), HeaderMap::new(), Bytes::from(body.to_owned())).await;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn answers_from_the_parts_of_the_request_it_reads() {
+        let request = json!({"model": "m1", "temperature": 0.2, "messages": [
+            {"role": "system", "content": "Tone: formal"},
+            {"role": "user", "content": "Subject: \"Refund\" please\n[customer] I want a refund."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "triage",
+                "strict": false, "schema": {"type": "object", "properties": {
+                    "category": {"enum": ["shipping", "refund"]}}}}}});
+        let (status, reply) = ask(&request.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(reply["model"], "m1");
+        let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+        let output: Value = serde_json::from_str(content).unwrap();
+        assert_eq!(
+            output["category"], "refund",
+            "picked from the schema's enum"
+        );
+        assert_eq!(output["tags"], json!(["refund"]));
+        assert!(reply["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_json_is_refused_as_a_bad_request() {
+        let (status, reply) = ask("not json").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(reply["error"]["type"], "invalid_request_error");
+    }
 
     #[test]
     fn unknown_workers_get_a_schema_instance() {

@@ -1,6 +1,7 @@
 //! The benchmark's phases and what they share: the bench database, the fake provider, the
 //! pre-filled queue, the result listener and the worker child process.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -178,7 +179,8 @@ impl Bench {
         }
     }
 
-    /// Listens to the results exchange, recording each arrival.
+    /// Listens to the results exchange, recording each arrival. Results are read only for
+    /// their source event and outcome (this process shares the machine with the worker).
     async fn listen(&self, topology: &Topology) -> anyhow::Result<Arc<Mutex<Arrivals>>> {
         let connection = self.link.connection().await;
         let (channel, mut consumer) =
@@ -190,24 +192,17 @@ impl Bench {
             while let Some(Ok(delivery)) = consumer.next().await {
                 let now = Instant::now();
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                let parsed: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+                let parsed: Option<Arrived> = serde_json::from_slice(&delivery.data).ok();
                 let Ok(mut arrivals) = sink.lock() else { break };
                 arrivals.times.push(now);
-                if let Some(value) = parsed {
-                    let class = value
-                        .pointer("/data/error/class")
-                        .and_then(Value::as_str)
-                        .unwrap_or("completed")
-                        .to_owned();
-                    *arrivals.outcomes.entry(class).or_default() += 1;
-                    if let Some(source) = value
-                        .pointer("/data/source_event_id")
-                        .and_then(Value::as_str)
-                    {
-                        if let Some(sent) = arrivals.sent.remove(source) {
+                if let Some(Arrived { data }) = parsed {
+                    let class = data.error.map_or(Cow::Borrowed("completed"), |e| e.class);
+                    *arrivals.outcomes.entry(class.into_owned()).or_default() += 1;
+                    if let Some(source) = data.source_event_id {
+                        if let Some(sent) = arrivals.sent.remove(source.as_ref()) {
                             arrivals.latencies.push(now - sent);
                         }
-                        arrivals.sources.insert(source.to_owned());
+                        arrivals.sources.insert(source.into_owned());
                     }
                 }
             }
@@ -547,4 +542,25 @@ fn topology_prefix(topology: &Topology) -> String {
         .events_exchange()
         .trim_end_matches("tickets.events")
         .to_owned()
+}
+
+/// What the listener reads of a result.
+#[derive(serde::Deserialize)]
+struct Arrived<'a> {
+    #[serde(borrow)]
+    data: ArrivedData<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct ArrivedData<'a> {
+    #[serde(borrow, default)]
+    source_event_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    error: Option<ArrivedError<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ArrivedError<'a> {
+    #[serde(borrow)]
+    class: Cow<'a, str>,
 }
