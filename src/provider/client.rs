@@ -228,11 +228,15 @@ impl ProviderClient {
                 }),
             },
         };
-        let body = serde_json::to_vec(&body)
-            .map_err(|err| ProviderError::Malformed(format!("cannot encode the request: {err}")))?;
         // The body lives until the answer comes: keep it at its size, not at the capacity the
-        // serializer grew to (up to twice as much, times every call in flight).
-        let body = body.as_slice().to_vec();
+        // serializer grew to (up to twice as much, times every call in flight). The grown
+        // buffer is dropped inside the block; a shadowed binding would live on in the future.
+        let body = {
+            let grown = serde_json::to_vec(&body).map_err(|err| {
+                ProviderError::Malformed(format!("cannot encode the request: {err}"))
+            })?;
+            grown.as_slice().to_vec()
+        };
         let mut builder = self
             .http
             .post(url)
