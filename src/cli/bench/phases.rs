@@ -434,8 +434,9 @@ impl Bench {
             })
             .collect();
         if let Some(id) = child.id() {
+            // The whole process group: under a wrapper (heaptrack) the worker is a grandchild.
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", &id.to_string()])
+                .args(["-TERM", "--", &format!("-{id}")])
                 .status();
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
@@ -527,14 +528,17 @@ fn worker_command() -> anyhow::Result<tokio::process::Command> {
     let exe = std::env::current_exe()?;
     let wrapper = std::env::var("COPILOT_BENCH_WORKER_WRAPPER").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
-    Ok(match words.next() {
+    let mut command = match words.next() {
         None => tokio::process::Command::new(exe),
         Some(program) => {
             let mut command = tokio::process::Command::new(program);
             command.args(words).arg(exe);
             command
         }
-    })
+    };
+    // A group of its own, so that the stop signal reaches a wrapped worker too.
+    command.process_group(0);
+    Ok(command)
 }
 
 fn topology_prefix(topology: &Topology) -> String {
