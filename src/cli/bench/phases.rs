@@ -239,13 +239,13 @@ impl Bench {
     }
 
     /// (a) The broker alone: consume, publish a result-sized message with a confirm, ack.
-    pub async fn baseline(&self, n: usize) -> anyhow::Result<Row> {
-        let topology = self.topology("baseline");
+    pub async fn baseline(&self, label: &str, n: usize) -> anyhow::Result<Row> {
+        let topology = self.topology(label);
         topology
             .declare(&self.publisher.channel().await, &[WORKER])
             .await?;
         let arrivals = self.listen(&topology).await?;
-        self.prefill(&topology, "baseline", n).await?;
+        self.prefill(&topology, label, n).await?;
         let result_body = Arc::new(vec![b'x'; 1400]);
         let consuming = Link::open(
             &self.settings.amqp_url,
@@ -288,7 +288,7 @@ impl Bench {
                     .await;
             })
         };
-        self.wait_for("baseline", &arrivals, n, Duration::from_secs(600))
+        self.wait_for(label, &arrivals, n, Duration::from_secs(600))
             .await?;
         let (cpu_after, _) = process_stats(std::process::id()).unwrap_or_default();
         shutdown.cancel();
@@ -300,7 +300,7 @@ impl Bench {
         let times = arrivals.lock().map(|a| a.times.clone()).unwrap_or_default();
         let (steady, wall) = rates(started, &times);
         Ok(Row {
-            phase: "baseline".into(),
+            phase: label.into(),
             events: n,
             steady,
             wall,
