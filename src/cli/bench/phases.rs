@@ -434,9 +434,13 @@ impl Bench {
             })
             .collect();
         if let Some(id) = child.id() {
-            // The whole process group: under a wrapper (heaptrack) the worker is a grandchild.
+            let id = id.to_string();
+            // Under a wrapper (heaptrack) the worker is the wrapper's child: stop it first.
+            let _ = std::process::Command::new("pkill")
+                .args(["-TERM", "-P", &id])
+                .status();
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", "--", &format!("-{id}")])
+                .args(["-TERM", &id])
                 .status();
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
@@ -528,17 +532,14 @@ fn worker_command() -> anyhow::Result<tokio::process::Command> {
     let exe = std::env::current_exe()?;
     let wrapper = std::env::var("COPILOT_BENCH_WORKER_WRAPPER").unwrap_or_default();
     let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
+    Ok(match words.next() {
         None => tokio::process::Command::new(exe),
         Some(program) => {
             let mut command = tokio::process::Command::new(program);
             command.args(words).arg(exe);
             command
         }
-    };
-    // A group of its own, so that the stop signal reaches a wrapped worker too.
-    command.process_group(0);
-    Ok(command)
+    })
 }
 
 fn topology_prefix(topology: &Topology) -> String {
