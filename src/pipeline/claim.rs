@@ -20,6 +20,13 @@ use crate::workers::Worker;
 pub const CLAIM_LEASE: Duration = Duration::from_secs(15);
 /// How often a process renews its claims.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A claim is renewed once it expires within this: a claim younger than half a round is left
+/// alone (it has nearly its whole lease, and the next round comes well before it runs out).
+/// At 5,000 two-second calls in flight, renewing every claim every round was an update of
+/// 5,000 rows every 5 s (170–590 ms each, seen with `auto_explain`), nearly all for calls
+/// about to end.
+const RENEW_DUE_WITHIN: Duration =
+    Duration::from_millis(CLAIM_LEASE.as_millis() as u64 - RENEW_EVERY.as_millis() as u64 / 2);
 /// How often a waiting delivery looks for the holder's result.
 const POLL_EVERY: Duration = Duration::from_millis(200);
 
@@ -60,7 +67,10 @@ pub async fn renew_claims(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(RENEW_EVERY) => {}
         }
-        if let Err(err) = store.renew_claims(&instance, CLAIM_LEASE).await {
+        if let Err(err) = store
+            .renew_claims(&instance, CLAIM_LEASE, RENEW_DUE_WITHIN)
+            .await
+        {
             tracing::warn!(error = %err, "claim renewal failed; retrying");
         }
         if let Err(err) = store.purge_lapsed_claims().await {

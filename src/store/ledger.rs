@@ -4,9 +4,6 @@
 //! the row and republishes the very same result (same id, same bytes) without calling the
 //! provider; when two replicas race on one event, the first insert wins and both publish it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use super::batch::Batcher;
 use super::{Store, StoreError};
 
@@ -356,14 +353,17 @@ impl Store {
         Ok(!rows.is_empty())
     }
 
-    /// Extends the lease of every claim held by this process (holder ids `<instance>-<n>`).
-    /// Rows locked right now (being recorded, released or taken over) are skipped rather than
-    /// waited for: waiting on them, in whatever order the scan meets them, deadlocked with
-    /// batched recordings; a skipped claim is renewed next round, well within its lease.
+    /// Extends to `lease` the claims held by this process (holder ids `<instance>-<n>`) that
+    /// expire within `due_within`; younger ones still have most of their lease (most calls
+    /// end before they are due, and a round then costs nothing for them). Rows locked right
+    /// now (being recorded, released or taken over) are skipped rather than waited for:
+    /// waiting on them, in whatever order the scan meets them, deadlocked with batched
+    /// recordings; a skipped claim is renewed next round, well within its lease.
     pub async fn renew_claims(
         &self,
         instance: &str,
         lease: std::time::Duration,
+        due_within: std::time::Duration,
     ) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let pattern = format!("{instance}-%");
@@ -371,10 +371,12 @@ impl Store {
             .execute(
                 "UPDATE event_claims SET expires_at = now() + make_interval(secs => $2) \
                  WHERE (event_id, worker) IN (SELECT c.event_id, c.worker FROM event_claims c \
-                   WHERE c.holder LIKE $1 AND NOT EXISTS (SELECT 1 FROM processed_events p \
+                   WHERE c.holder LIKE $1 \
+                   AND c.expires_at < now() + make_interval(secs => $3) \
+                   AND NOT EXISTS (SELECT 1 FROM processed_events p \
                      WHERE p.event_id = c.event_id AND p.worker = c.worker) \
                    FOR UPDATE OF c SKIP LOCKED)",
-                &[&pattern, &lease.as_secs_f64()],
+                &[&pattern, &lease.as_secs_f64(), &due_within.as_secs_f64()],
             )
             .await?)
     }
@@ -431,41 +433,6 @@ const MAX_BATCH: usize = 256;
 /// events/s, than four; two keep a slow statement from stalling its kind.
 const FLUSHES: usize = 2;
 
-/// Whether going from `before` to `after` recorded results passes 1,000, 10,000 or 100,000:
-/// the points where a ledger that started (nearly) empty has grown enough that plans made at
-/// the start should be made again (see [`Store::renew_idle_connections`]).
-fn crosses_replan_mark(before: u64, after: u64) -> bool {
-    [1_000, 10_000, 100_000]
-        .into_iter()
-        .any(|mark| before < mark && after >= mark)
-}
-
-/// Records one batch and counts what this process has recorded, renewing the idle
-/// connections (and so their plans) when the count passes a mark.
-async fn record_batch(
-    store: Store,
-    recorded: Arc<AtomicU64>,
-    records: Vec<(LedgerEntry, UsageRecord)>,
-) -> (
-    Vec<(LedgerEntry, UsageRecord)>,
-    Result<Vec<LedgerEntry>, StoreError>,
-) {
-    let outcome = store.record_results(&records).await;
-    if outcome.is_ok() {
-        let n = records.len() as u64;
-        let before = recorded.fetch_add(n, Ordering::Relaxed);
-        if crosses_replan_mark(before, before + n) {
-            let closed = store.renew_idle_connections();
-            tracing::debug!(
-                recorded = before + n,
-                closed,
-                "renewed idle connections so that plans see the grown ledger"
-            );
-        }
-    }
-    (records, outcome)
-}
-
 /// The hot path's way to the ledger: starts runs and records results through batchers, so
 /// that under load one statement (and one commit) serves many events.
 #[derive(Clone)]
@@ -500,8 +467,13 @@ impl Ledger {
             |(e, _): &(LedgerEntry, UsageRecord)| (e.event_id.clone(), e.worker.clone()),
             {
                 let store = store.clone();
-                let recorded = Arc::new(AtomicU64::new(0));
-                move |records| record_batch(store.clone(), recorded.clone(), records)
+                move |records: Vec<(LedgerEntry, UsageRecord)>| {
+                    let store = store.clone();
+                    async move {
+                        let outcome = store.record_results(&records).await;
+                        (records, outcome)
+                    }
+                }
             },
         );
         Ledger { runs, records }
@@ -519,20 +491,5 @@ impl Ledger {
         usage: UsageRecord,
     ) -> Result<LedgerEntry, StoreError> {
         self.records.submit((entry, usage)).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::crosses_replan_mark;
-
-    #[test]
-    fn plans_are_renewed_once_at_each_mark() {
-        assert!(!crosses_replan_mark(0, 999));
-        assert!(crosses_replan_mark(999, 1_000));
-        assert!(crosses_replan_mark(990, 1_200));
-        assert!(!crosses_replan_mark(1_000, 1_500));
-        assert!(crosses_replan_mark(9_990, 10_100));
-        assert!(!crosses_replan_mark(100_000, 1_000_000_000));
     }
 }
