@@ -8,7 +8,7 @@ pub mod migrations;
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Hook, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 /// What can go wrong talking to Postgres. Every variant is worth retrying later except
@@ -71,14 +71,14 @@ pub struct Store {
     pool: Pool,
 }
 
-/// The session options of every connection: ours after any given in the URL.
-fn session_options(given: Option<&str>) -> String {
-    const OURS: &str = "-c plan_cache_mode=force_custom_plan";
-    match given {
-        Some(given) if !given.trim().is_empty() => format!("{given} {OURS}"),
-        _ => OURS.to_owned(),
-    }
-}
+/// Run on every new connection. Every statement is planned for its own parameters and the
+/// tables as they are now: Postgres otherwise switches a prepared statement to a generic plan
+/// kept for the connection's life, and on a new, nearly empty ledger that plan scans
+/// `processed_events` once it has grown (seen with auto_explain: 1.5-2.7 s per batched `start`
+/// statement at 60,000 rows). Planning costs 0.25-0.5 ms per statement, and the batched
+/// statements were planned per execution most of the time anyway (their arrays vary in
+/// length). A `SET` rather than a startup option, which PgBouncer refuses.
+const SESSION_SETUP: &str = "SET plan_cache_mode = force_custom_plan";
 
 impl Store {
     /// Builds a pool with every timeout set (deadpool's default is to wait forever). Recycling
@@ -91,14 +91,6 @@ impl Store {
             .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
         config.connect_timeout(Duration::from_secs(5));
         config.application_name("copilot-workers");
-        // Every statement is planned for its own parameters and the tables as they are now.
-        // Postgres otherwise switches a prepared statement to a generic plan kept for the
-        // connection's life; on a new, nearly empty ledger that plan scans `processed_events`
-        // once it has grown (seen with auto_explain: 1.5-2.7 s per batched `start` statement at
-        // 60,000 rows). Planning costs 0.25-0.5 ms per statement, and the batched statements
-        // were planned per execution most of the time anyway (their arrays vary in length).
-        let options = session_options(config.get_options());
-        config.options(&options);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -114,6 +106,15 @@ impl Store {
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(2)))
             .runtime(Runtime::Tokio1)
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    if let Err(err) = client.batch_execute(SESSION_SETUP).await {
+                        tracing::warn!(error = %StoreError::from(err), "cannot set plan_cache_mode; \
+                            Postgres may keep plans made while the ledger was small");
+                    }
+                    Ok(())
+                })
+            }))
             .build()
             .map_err(|err| StoreError::Url(err.to_string()))?;
         Ok(Store { pool })
@@ -136,15 +137,12 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_session_plans_each_statement_and_keeps_the_urls_options() {
-        assert_eq!(
-            session_options(None),
-            "-c plan_cache_mode=force_custom_plan"
-        );
-        assert_eq!(
-            session_options(Some("-c statement_timeout=5000")),
-            "-c statement_timeout=5000 -c plan_cache_mode=force_custom_plan"
-        );
+    /// Against the local Postgres: every pooled connection plans each statement afresh.
+    #[tokio::test]
+    async fn pooled_connections_plan_each_statement_afresh() {
+        let store = Store::connect("postgres://postgres@127.0.0.1:5432/postgres", 2).unwrap();
+        let client = store.client().await.unwrap();
+        let row = client.query_one("SHOW plan_cache_mode", &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "force_custom_plan");
     }
 }
