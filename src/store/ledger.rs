@@ -153,9 +153,10 @@ impl Store {
     /// returns, for each, the one that stands. Each run's provider usage is part of its row (so
     /// a run is counted once, with its result). One durable commit serves the whole batch.
     /// The events' claims are left to lapse: once the ledger row exists nothing reads them,
-    /// renewal skips them and [`Store::renew_claims`] purges them in bulk. (Deleting each one
-    /// here cost a join that Postgres planned as a scan of the whole, churning claims table.) No two records may share an
-    /// (event, worker) (see [`Ledger`], which ensures it).
+    /// [`Store::renew_claims`] skips them and [`Store::purge_lapsed_claims`] deletes them in
+    /// bulk. (Deleting each one here cost a join that Postgres planned as a scan of the whole,
+    /// churning claims table.) No two records may share an (event, worker) (see [`Ledger`],
+    /// which ensures it).
     pub async fn record_results(
         &self,
         records: &[(LedgerEntry, UsageRecord)],

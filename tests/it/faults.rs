@@ -577,13 +577,12 @@ async fn the_batched_ledger_keeps_first_results_and_single_claims() {
     // A redelivery now finds the decided result and the ticket's last input hash.
     let again = ledger.begin_run(request(7, "late-1")).await.unwrap();
     assert_eq!(text_of(&again.decided.unwrap()), "first");
-    let next = ledger
-        .begin_run(RunRequest {
-            event_id: format!("evt_{org}_new"),
-            ..request(7, "late-1")
-        })
-        .await
-        .unwrap();
+    // A new event of ticket 7, taken by `holder`.
+    let new_event = |holder: &str| RunRequest {
+        event_id: format!("evt_{org}_new"),
+        ..request(7, holder)
+    };
+    let next = ledger.begin_run(new_event("late-1")).await.unwrap();
     assert!(next.decided.is_none() && next.claimed);
     assert_eq!(next.last_completed_hash.as_deref(), Some("hash_7"));
     // Claims of recorded events are no longer renewed; the open run's claim is.
@@ -608,13 +607,7 @@ async fn the_batched_ledger_keeps_first_results_and_single_claims() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(h.store.purge_lapsed_claims().await.unwrap() >= 1);
-    let taken = ledger
-        .begin_run(RunRequest {
-            event_id: format!("evt_{org}_new"),
-            ..request(7, "other-1")
-        })
-        .await
-        .unwrap();
+    let taken = ledger.begin_run(new_event("other-1")).await.unwrap();
     assert!(taken.claimed, "the lapsed claim no longer holds the event");
     // Usage counted once per recorded run, not per attempt to record.
     let rows = h.store.usage(&org, "2000-01-01").await.unwrap();
