@@ -65,63 +65,87 @@ impl StoreError {
     }
 }
 
-/// The shared pool; cheap to clone.
+/// The pools; cheap to clone. `pool` serves everything but the hot path's batched ledger
+/// statements, which have `hot`, a few connections of their own (see [`HOT_SESSION`]).
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    hot: Pool,
 }
 
 /// Run on every new connection. Every statement is planned for its own parameters and the
 /// tables as they are now: Postgres otherwise switches a prepared statement to a generic plan
 /// kept for the connection's life, and on a new, nearly empty ledger that plan scans
 /// `processed_events` once it has grown (seen with auto_explain: 1.5-2.7 s per batched `start`
-/// statement at 60,000 rows). Planning costs 0.25-0.5 ms per statement, and the batched
-/// statements were planned per execution most of the time anyway (their arrays vary in
-/// length). A `SET` rather than a startup option, which PgBouncer refuses.
+/// statement at 60,000 rows). A `SET` rather than a startup option, which PgBouncer refuses.
 const SESSION_SETUP: &str = "SET plan_cache_mode = force_custom_plan";
 
+/// The hot path's connections plan each batched ledger statement once (a generic plan) when
+/// the ledger is at least this large as the connection opens, and afresh at every execution
+/// below it. Planning was a third of Postgres' CPU at saturation (`pg_stat_statements`:
+/// 0.34 ms to plan a `start` statement that ran in 0.40). The statements are written so that
+/// their plan has no choice but index lookups once the planner sees a ledger of this size
+/// (a test checks the plan); on a smaller or just-truncated ledger it could pick scans that
+/// would be kept as the ledger grows, which is why small ledgers keep planning afresh.
+pub const GENERIC_PLANS_FROM_ROWS: f64 = 10_000.0;
+/// How long a hot-path connection lives: a new install starts with a small ledger, and its
+/// connections are renewed so that they move to kept plans once it has grown.
+const HOT_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// The ledger's size as the planner sees it (`reltuples`; -1 when never analyzed or just
+/// truncated, also when the table does not exist yet).
+const LEDGER_ROWS: &str = "SELECT coalesce((SELECT reltuples FROM pg_class \
+                           WHERE oid = to_regclass('processed_events')), -1)::float8";
+
+/// Session setup of a hot-path connection: plans kept when the ledger is large enough.
+const HOT_SESSION: &str = "SET plan_cache_mode = force_generic_plan";
+
 impl Store {
-    /// Builds a pool with every timeout set (deadpool's default is to wait forever). Recycling
-    /// uses the `Fast` check (is the connection closed?) rather than a test query per
-    /// checkout, which would double the round trips of the hot path: a connection the server
-    /// terminated is closed, and one that fails mid-query is dropped and the step retried.
+    /// Builds the pools with every timeout set (deadpool's default is to wait forever).
+    /// `max_size` bounds the shared pool; the hot path's pool has [`ledger::HOT_CONNECTIONS`]
+    /// more. Connections are opened on first use. Recycling uses the `Fast` check (is the
+    /// connection closed?) rather than a test query per checkout, which would double the
+    /// round trips of the hot path: a connection the server terminated is closed, and one
+    /// that fails mid-query is dropped and the step retried.
     pub fn connect(database_url: &str, max_size: usize) -> Result<Store, StoreError> {
         let mut config: tokio_postgres::Config = database_url
             .parse()
             .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
         config.connect_timeout(Duration::from_secs(5));
         config.application_name("copilot-workers");
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(max_size)
-            // Waiting for a free connection is load, not an outage (an outage shows up as a
-            // failed create, bounded below): thousands of in-flight events may queue here.
-            .wait_timeout(Some(Duration::from_secs(5)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(2)))
-            .runtime(Runtime::Tokio1)
+        let pool = pool_builder(config.clone(), max_size)
             .post_create(Hook::async_fn(|client, _| {
                 Box::pin(async move {
-                    if let Err(err) = client.batch_execute(SESSION_SETUP).await {
-                        tracing::warn!(error = %StoreError::from(err), "cannot set plan_cache_mode; \
-                            Postgres may keep plans made while the ledger was small");
-                    }
+                    set_up_session(client, false).await;
                     Ok(())
                 })
             }))
             .build()
             .map_err(|err| StoreError::Url(err.to_string()))?;
-        Ok(Store { pool })
+        let hot = pool_builder(config, ledger::HOT_CONNECTIONS)
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    set_up_session(client, true).await;
+                    Ok(())
+                })
+            }))
+            .pre_recycle(Hook::sync_fn(|_, metrics| {
+                if metrics.age() > HOT_CONNECTION_LIFETIME {
+                    return Err(deadpool_postgres::HookError::message("renewed"));
+                }
+                Ok(())
+            }))
+            .build()
+            .map_err(|err| StoreError::Url(err.to_string()))?;
+        Ok(Store { pool, hot })
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// A connection for the hot path's batched ledger statements.
+    pub(crate) async fn hot_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.hot.get().await?)
     }
 
     /// Whether a connection can be had and answers.
@@ -130,6 +154,44 @@ impl Store {
             Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
             Err(_) => false,
         }
+    }
+}
+
+/// A pool of `max_size` connections with every timeout set.
+fn pool_builder(config: tokio_postgres::Config, max_size: usize) -> deadpool_postgres::PoolBuilder {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        // Waiting for a free connection is load, not an outage (an outage shows up as a
+        // failed create, bounded below): thousands of in-flight events may queue here.
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(2)))
+        .runtime(Runtime::Tokio1)
+}
+
+/// Sets a new connection's planning: afresh for every statement, or (`hot`, and the ledger
+/// large enough) plans kept. A failure only costs speed, so it is logged, not fatal.
+async fn set_up_session(client: &tokio_postgres::Client, hot: bool) {
+    let setup = async {
+        client.batch_execute(SESSION_SETUP).await?;
+        if hot {
+            let rows: f64 = client.query_one(LEDGER_ROWS, &[]).await?.try_get(0)?;
+            if rows >= GENERIC_PLANS_FROM_ROWS {
+                client.batch_execute(HOT_SESSION).await?;
+            }
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    if let Err(err) = setup.await {
+        tracing::warn!(error = %StoreError::from(err), "cannot set plan_cache_mode; \
+            Postgres may keep plans made while the ledger was small");
     }
 }
 
@@ -144,5 +206,83 @@ mod tests {
         let client = store.client().await.unwrap();
         let row = client.query_one("SHOW plan_cache_mode", &[]).await.unwrap();
         assert_eq!(row.get::<_, String>(0), "force_custom_plan");
+    }
+
+    /// The hot path's planning mode on a connection of a new pool over `database_url`, and
+    /// the plan Postgres would keep for the batched `start` statement there.
+    async fn hot_planning(database_url: &str) -> (String, String) {
+        let store = Store::connect(database_url, 1).unwrap();
+        let client = store.hot_client().await.unwrap();
+        let mode: String = client
+            .query_one("SHOW plan_cache_mode", &[])
+            .await
+            .unwrap()
+            .get(0);
+        client
+            .batch_execute(&format!(
+                "SET plan_cache_mode = force_generic_plan; PREPARE start_plan(text[], text[], \
+                 text[], text[], text[], float8) AS {}",
+                ledger::BEGIN_RUNS
+            ))
+            .await
+            .unwrap();
+        let plan = client
+            .query(
+                "EXPLAIN EXECUTE start_plan('{e}', '{w}', '{o}', '{t}', '{h}', 15)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (mode, plan)
+    }
+
+    /// Against the local Postgres, on a database of its own: hot-path connections keep their
+    /// plans only once the ledger is large, and the kept `start` plan looks the ledger up by
+    /// index only (a scan kept in a plan would read the whole ledger for every event).
+    #[tokio::test]
+    async fn hot_connections_keep_index_only_plans_once_the_ledger_is_large() {
+        let name = format!(
+            "copilot_plans_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        migrations::migrate(&url).await.unwrap();
+        let small = hot_planning(&url).await;
+        Store::connect(&url, 1)
+            .unwrap()
+            .seed_bench_ledger(GENERIC_PLANS_FROM_ROWS as u32)
+            .await
+            .unwrap();
+        let large = hot_planning(&url).await;
+        let (admin, connection) =
+            tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        admin
+            .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .await
+            .unwrap();
+
+        assert_eq!(small.0, "force_custom_plan");
+        assert_eq!(large.0, "force_generic_plan");
+        let plan = large.1;
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        assert!(
+            plan.contains("Index Scan using processed_events_pkey"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("Index Scan using processed_events_last_completed"),
+            "{plan}"
+        );
     }
 }

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Events per second of the paced run, where overhead is measured below saturation.
     #[arg(long, default_value_t = 1_000)]
     pub rate: u32,
+    /// Earlier results in the ledger before the first phase, as a running installation has
+    /// (the planner sees a ledger of this size; 0 starts empty, as a new install does).
+    #[arg(long, default_value_t = 100_000)]
+    pub ledger_rows: u32,
     /// Also run a chaos soak of this many events.
     #[arg(long)]
     pub soak: Option<usize>,
@@ -76,7 +80,7 @@ pub struct Row {
 
 pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
-    let bench = phases::Bench::prepare(&settings)
+    let bench = phases::Bench::prepare(&settings, args.ledger_rows)
         .await
         .context("bench setup")?;
     let mut rows = Vec::new();

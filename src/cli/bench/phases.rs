@@ -105,7 +105,7 @@ impl EventSender {
 }
 
 impl Bench {
-    pub async fn prepare(settings: &Settings) -> anyhow::Result<Bench> {
+    pub async fn prepare(settings: &Settings, ledger_rows: u32) -> anyhow::Result<Bench> {
         let mut url = url::Url::parse(&settings.database_url)
             .context("COPILOT_DATABASE_URL must be a URL")?;
         let name = url.path().trim_start_matches('/').to_owned();
@@ -118,6 +118,10 @@ impl Bench {
         crate::store::migrations::migrate(&database_url).await?;
         let store = Store::connect(&database_url, 4)?;
         store.clear_bench_state().await?;
+        if ledger_rows > 0 {
+            store.seed_bench_ledger(ledger_rows).await?;
+            eprintln!("▸ ledger seeded with {ledger_rows} earlier results");
+        }
         let mut raw = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
             .map_err(|_| anyhow::anyhow!("no randomness"))?;
