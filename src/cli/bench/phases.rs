@@ -51,6 +51,14 @@ struct Arrivals {
     sent: HashMap<String, Instant>,
     /// Publish-to-result times of paced events.
     latencies: Vec<Duration>,
+    /// Bytes of all results, for their mean size.
+    bytes: usize,
+}
+
+impl Arrivals {
+    fn mean_size(&self) -> usize {
+        self.bytes / self.times.len().max(1)
+    }
 }
 
 /// Publishes the bench's events: the sample ticket with its own event id and ticket id.
@@ -74,10 +82,11 @@ impl EventSender {
         let body = event.to_string();
         let mut message = Outgoing::new(&self.exchange, "ticket.message_added", body.as_bytes());
         message.content_type = events::CLOUDEVENTS_JSON;
+        message.message_id = Some(&id);
         if let Some(sent) = &self.sent
             && let Ok(mut sent) = sent.lock()
         {
-            sent.sent.insert(id, Instant::now());
+            sent.sent.insert(id.clone(), Instant::now());
         }
         if let Err(err) = self.publisher.publish(&message).await {
             eprintln!("bench publish failed: {err}");
@@ -199,6 +208,7 @@ impl Bench {
                 let parsed: Option<Arrived> = serde_json::from_slice(&delivery.data).ok();
                 let Ok(mut arrivals) = sink.lock() else { break };
                 arrivals.times.push(now);
+                arrivals.bytes += delivery.data.len();
                 if let Some(Arrived { data }) = parsed {
                     let class = data.error.map_or(Cow::Borrowed("completed"), |e| e.class);
                     *arrivals.outcomes.entry(class.into_owned()).or_default() += 1;
@@ -250,7 +260,7 @@ impl Bench {
             .await?;
         let arrivals = self.listen(&topology).await?;
         self.prefill(&topology, label, n).await?;
-        let result_body = Arc::new(vec![b'x'; 1400]);
+        let (before_id, after_id) = result_template(&self.sample);
         let consuming = Link::open(
             &self.settings.amqp_url,
             "copilot-workers bench baseline consume",
@@ -278,11 +288,17 @@ impl Bench {
             tokio::spawn(async move {
                 consumer
                     .run(&consuming, &tracker, shutdown, running, move |delivery| {
-                        let (publisher, exchange, body) =
-                            (publisher.clone(), exchange.clone(), result_body.clone());
+                        let (publisher, exchange) = (publisher.clone(), exchange.clone());
+                        // The result names its event, taken from the message id (no parse).
+                        let id = delivery.properties.message_id().as_ref();
+                        let id = id.map_or("", |id| id.as_str());
+                        let body = [before_id.as_str(), id, after_id.as_str()].concat();
                         async move {
-                            let mut message =
-                                Outgoing::new(&exchange, "ticket.enriched.summarize", &body);
+                            let mut message = Outgoing::new(
+                                &exchange,
+                                "ticket.enriched.summarize",
+                                body.as_bytes(),
+                            );
                             message.content_type = events::CLOUDEVENTS_JSON;
                             if publisher.publish(&message).await.is_ok() {
                                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
@@ -301,7 +317,10 @@ impl Bench {
         tracker.wait().await;
         consuming.close().await;
         publishing.close().await;
-        let times = arrivals.lock().map(|a| a.times.clone()).unwrap_or_default();
+        let (times, size) = arrivals
+            .lock()
+            .map(|a| (a.times.clone(), a.mean_size()))
+            .unwrap_or_default();
         let (steady, wall) = rates(started, &times);
         Ok(Row {
             phase: label.into(),
@@ -309,8 +328,10 @@ impl Bench {
             steady,
             wall,
             cpu_per_1000: Some((cpu_after - cpu_before) * 1000.0 / n as f64),
-            note: "broker only; CPU is the bench process (consumer, publisher and result listener)"
-                .into(),
+            note: format!(
+                "broker only; CPU is the bench process (consumer, publisher and result \
+                 listener); results {size} bytes"
+            ),
             ..Row::default()
         })
     }
@@ -450,12 +471,13 @@ impl Bench {
         let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
         // Anything that arrives after the last expected result is a duplicate.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (times, outcomes, sources, mut latencies) = match arrivals.lock() {
+        let (times, outcomes, sources, mut latencies, size) = match arrivals.lock() {
             Ok(a) => (
                 a.times.clone(),
                 a.outcomes.clone(),
                 a.sources.len(),
                 a.latencies.clone(),
+                a.mean_size(),
             ),
             Err(_) => bail!("result listener failed"),
         };
@@ -469,7 +491,8 @@ impl Bench {
             })
             .collect();
         let mut note = format!(
-            "{} calls answered by the fake provider; step p99 ms: {}; events per ledger statement: {}",
+            "{} calls answered by the fake provider; results {size} bytes; step p99 ms: {}; \
+             events per ledger statement: {}",
             fake.requests(),
             steps.join(", "),
             batches.join(", ")
@@ -546,6 +569,45 @@ fn worker_command() -> anyhow::Result<tokio::process::Command> {
     })
 }
 
+/// The baseline's result: a completed result event for the sample ticket, shaped and sized
+/// like the worker's (an output of the summarize worker's shape, drawn from the ticket's
+/// first message), split around its source event id. The listener then reads the same bytes
+/// in both phases, and the broker carries the same sizes.
+fn result_template(sample: &Value) -> (String, String) {
+    const MARK: &str = "@source-event@";
+    let text = sample["data"]["ticket"]["messages"][0]["body"]
+        .as_str()
+        .unwrap_or_default();
+    let excerpt: String = text.chars().take(90).collect();
+    let data = events::ResultData {
+        org_id: ORG.into(),
+        ticket_id: "B-baseline-00000".into(),
+        worker: WORKER.into(),
+        source_event_id: MARK.into(),
+        source_event_type: events::EventType::TicketMessageAdded,
+        model: "bench-model".into(),
+        output: Some(serde_json::json!({
+            "key_points": [excerpt.clone(), "Chrome and Firefox, both broken."],
+            "open_questions": ["Which account or order is affected?"],
+            "summary": excerpt,
+        })),
+        usage: events::Usage {
+            prompt_tokens: 358,
+            completion_tokens: 76,
+        },
+        latency_ms: 23,
+        attempts: 1,
+        reasks: 0,
+        error: None,
+    };
+    let text = serde_json::to_string(&events::ResultEvent::new(data, events::now_rfc3339()))
+        .unwrap_or_default();
+    match text.split_once(MARK) {
+        Some((before, after)) => (before.to_owned(), after.to_owned()),
+        None => (text, String::new()),
+    }
+}
+
 fn topology_prefix(topology: &Topology) -> String {
     topology
         .events_exchange()
@@ -572,4 +634,22 @@ struct ArrivedData<'a> {
 struct ArrivedError<'a> {
     #[serde(borrow)]
     class: Cow<'a, str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The baseline's result reads as a result event of the consumed event, as the worker's
+    /// does, and is about its size.
+    #[test]
+    fn the_baseline_result_is_a_result_event_naming_its_event() {
+        let sample: Value = serde_json::from_str(crate::cli::demo::SAMPLES[1].1).unwrap();
+        let (before, after) = result_template(&sample);
+        let body = [before.as_str(), "evt_bench_baseline_7", after.as_str()].concat();
+        let result: events::ResultEvent = serde_json::from_str(&body).unwrap();
+        assert_eq!(result.data.source_event_id, "evt_bench_baseline_7");
+        assert!(result.is_completed());
+        assert!((700..1000).contains(&body.len()), "{} bytes", body.len());
+    }
 }
