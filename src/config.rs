@@ -40,8 +40,9 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_TOPOLOGY_PREFIX", global = true)]
     pub topology_prefix: Option<String>,
 
-    /// Postgres connections in the service's pool. Default: 8 (the hot path's ledger
-    /// statements are batched and use at most four at a time).
+    /// Postgres connections in the shared pool (config lookups, claim renewal, health, the
+    /// admin API). Default: 4. The hot path's batched ledger statements have four more of
+    /// their own, so a replica holds at most this + 4 connections, plus one for LISTEN.
     #[arg(long, env = "COPILOT_DB_POOL_SIZE", global = true)]
     pub db_pool_size: Option<usize>,
 
@@ -197,7 +198,7 @@ impl SettingsArgs {
             problems.push("provider_max_attempts must be at least 1".to_owned());
         }
         let topology_prefix = args.topology_prefix.unwrap_or_default();
-        let db_pool_size = args.db_pool_size.unwrap_or(8);
+        let db_pool_size = args.db_pool_size.unwrap_or(4);
         if db_pool_size == 0 {
             problems.push("db_pool_size must be at least 1".to_owned());
         }
