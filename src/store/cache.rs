@@ -13,8 +13,9 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::tls::Target;
 use tokio_util::sync::CancellationToken;
 
 use super::configs::ProviderConfig;
@@ -100,20 +101,12 @@ impl ConfigCache {
 async fn listen(cache: Arc<ConfigCache>, database_url: String, shutdown: CancellationToken) {
     let mut waits = crate::provider::retry::outage_backoff();
     while !shutdown.is_cancelled() {
-        match tokio_postgres::connect(&database_url, NoTls).await {
-            Ok((client, mut connection)) => {
-                let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
-                // The connection is driven here; notifications and its end are passed on.
-                let driver = tokio::spawn(async move {
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                    while let Some(message) = messages.next().await {
-                        let terminal = message.is_err();
-                        if tx.send(message).is_err() || terminal {
-                            break;
-                        }
-                    }
-                });
+        let connected = match Target::parse(&database_url) {
+            Ok(target) => target.connect().await,
+            Err(err) => Err(err),
+        };
+        match connected {
+            Ok((client, mut notifications, driver)) => {
                 if let Err(err) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                     tracing::warn!(error = %err, "cannot LISTEN for config changes");
                 } else {

@@ -3,9 +3,8 @@
 //! The SQL files are embedded at build time, so the binary carries its schema. A migration is
 //! never edited once it has landed: the next change is a new `V<n>__<name>.sql`.
 
-use tokio_postgres::NoTls;
-
 use super::StoreError;
+use super::tls::Target;
 
 refinery::embed_migrations!("migrations");
 
@@ -16,8 +15,7 @@ const MIGRATION_LOCK: i64 = 0x0063_6f70_696c_6f74;
 /// Returns the names of the migrations applied by this call.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
     ensure_database(database_url).await?;
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let (mut client, _messages, driver) = Target::parse(database_url)?.connect().await?;
     // Replicas and jobs may migrate at once: the second waits here, then finds nothing to do.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -39,16 +37,12 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
 /// Connects to the server's `postgres` database and creates the target one when missing.
 /// Two replicas racing to create it is fine: the loser sees `duplicate_database`.
 pub async fn ensure_database(database_url: &str) -> Result<(), StoreError> {
-    let config: tokio_postgres::Config = database_url
-        .parse()
-        .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
-    let Some(dbname) = config.get_dbname().map(str::to_owned) else {
+    let mut admin = Target::parse(database_url)?;
+    let Some(dbname) = admin.config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
-    let mut admin = config.clone();
-    admin.dbname("postgres");
-    let (client, connection) = admin.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
+    admin.config.dbname("postgres");
+    let (client, _messages, driver) = admin.connect().await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&dbname])
         .await?

@@ -5,11 +5,11 @@ pub mod cache;
 pub mod configs;
 pub mod ledger;
 pub mod migrations;
+pub(crate) mod tls;
 
 use std::time::Duration;
 
-use deadpool_postgres::{Hook, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{Hook, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 /// What can go wrong talking to Postgres. Every variant is worth retrying later except
 /// `Invalid`, which means a row holds something this version cannot read.
@@ -107,12 +107,10 @@ impl Store {
     /// round trips of the hot path: a connection the server terminated is closed, and one
     /// that fails mid-query is dropped and the step retried.
     pub fn connect(database_url: &str, max_size: usize) -> Result<Store, StoreError> {
-        let mut config: tokio_postgres::Config = database_url
-            .parse()
-            .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
-        config.connect_timeout(Duration::from_secs(5));
-        config.application_name("copilot-workers");
-        let pool = pool_builder(config.clone(), max_size)
+        let mut target = tls::Target::parse(database_url)?;
+        target.config.connect_timeout(Duration::from_secs(5));
+        target.config.application_name("copilot-workers");
+        let pool = pool_builder(&target, max_size)
             .post_create(Hook::async_fn(|client, _| {
                 Box::pin(async move {
                     set_up_session(client, false).await;
@@ -121,7 +119,7 @@ impl Store {
             }))
             .build()
             .map_err(|err| StoreError::Url(err.to_string()))?;
-        let hot = pool_builder(config, ledger::HOT_CONNECTIONS)
+        let hot = pool_builder(&target, ledger::HOT_CONNECTIONS)
             .post_create(Hook::async_fn(|client, _| {
                 Box::pin(async move {
                     set_up_session(client, true).await;
@@ -158,14 +156,10 @@ impl Store {
 }
 
 /// A pool of `max_size` connections with every timeout set.
-fn pool_builder(config: tokio_postgres::Config, max_size: usize) -> deadpool_postgres::PoolBuilder {
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+fn pool_builder(target: &tls::Target, max_size: usize) -> deadpool_postgres::PoolBuilder {
+    let manager = target.manager(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
     Pool::builder(manager)
         .max_size(max_size)
         // Waiting for a free connection is load, not an outage (an outage shows up as a
@@ -262,10 +256,12 @@ mod tests {
             .await
             .unwrap();
         let large = hot_planning(&url).await;
-        let (admin, connection) =
-            tokio_postgres::connect("postgres://postgres@127.0.0.1:5432/postgres", NoTls)
-                .await
-                .unwrap();
+        let (admin, connection) = tokio_postgres::connect(
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
         tokio::spawn(connection);
         admin
             .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
