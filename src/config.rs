@@ -208,8 +208,8 @@ impl SettingsArgs {
         let database_url = args
             .database_url
             .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/copilot".to_owned());
-        if let Err(err) = database_url.parse::<tokio_postgres::Config>() {
-            problems.push(format!("database_url is not a Postgres URL: {err}"));
+        if let Err(err) = crate::store::tls::Target::parse(&database_url) {
+            problems.push(format!("database_url is not a usable Postgres URL: {err}"));
         }
         let amqp_url = args
             .amqp_url

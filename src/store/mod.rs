@@ -109,7 +109,6 @@ impl Store {
     pub fn connect(database_url: &str, max_size: usize) -> Result<Store, StoreError> {
         let mut target = tls::Target::parse(database_url)?;
         target.config.connect_timeout(Duration::from_secs(5));
-        target.config.application_name("copilot-workers");
         let pool = pool_builder(&target, max_size)
             .post_create(Hook::async_fn(|client, _| {
                 Box::pin(async move {

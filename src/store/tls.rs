@@ -35,12 +35,17 @@ pub(crate) type Messages = mpsc::UnboundedReceiver<Result<AsyncMessage, tokio_po
 
 impl Target {
     /// Reads a database URL (or libpq key=value settings). `sslrootcert` and the `verify-*`
-    /// modes are understood here, since tokio-postgres does not know them.
+    /// modes are understood here, since tokio-postgres does not know them. Connections are
+    /// named `copilot-workers` unless the URL gives an `application_name`.
     pub fn parse(database_url: &str) -> Result<Target, StoreError> {
         let (url, root_file) = libpq_extras(database_url)?;
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
+        // Every connection shows in `pg_stat_activity` as ours, unless the URL names it.
+        if config.get_application_name().is_none() {
+            config.application_name("copilot-workers");
+        }
         let tls = match config.get_ssl_mode() {
             SslMode::Require => Some(verifying_connector(root_file)?),
             _ => None,
