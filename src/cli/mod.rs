@@ -59,10 +59,27 @@ pub fn main(cli: Cli) -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes in one line, each said once: many errors (deadpool's,
+/// tokio-postgres') already print their cause, which the chain then gives again.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -76,5 +93,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => publish::run(&settings, args).await,
         Command::Demo(args) => demo::run(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = anyhow::Error::new(refused)
+            .context("error connecting to server: refused")
+            .context("database unavailable: error connecting to server: refused")
+            .context("bench setup");
+        assert_eq!(
+            describe(&err),
+            "bench setup: database unavailable: error connecting to server: refused"
+        );
     }
 }
