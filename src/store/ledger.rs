@@ -63,8 +63,27 @@ pub struct UsageRow {
 }
 
 /// The decided row of (event $1, worker $2), in the columns `entry_from_row` reads.
-const SELECT_ENTRY: &str = "SELECT org_id, ticket_id, result_id, outcome, input_hash, result::text \
+pub(crate) const SELECT_ENTRY: &str = "SELECT org_id, ticket_id, result_id, outcome, input_hash, result::text \
                             FROM processed_events WHERE event_id = $1 AND worker = $2";
+
+/// The batched `record` statement (see [`Store::record_results`]): inserts, and says for each
+/// row whether it was this one that went in. It reads no table, so its kept plan is safe.
+pub(crate) const RECORD_RESULTS: &str = "WITH input AS ( \
+   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+   $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[], \
+   $11::int8[], $12::int8[]) WITH ORDINALITY AS i(event_id, worker, org_id, \
+   ticket_id, result_id, outcome, input_hash, result, model, requests, \
+   prompt_tokens, completion_tokens, n) \
+ ), inserted AS ( \
+   INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
+   outcome, input_hash, result, model, requests, prompt_tokens, completion_tokens) \
+   SELECT event_id, worker, org_id, ticket_id, result_id, outcome, input_hash, \
+   result::json, model, requests, prompt_tokens, completion_tokens \
+   FROM input ORDER BY event_id, worker \
+   ON CONFLICT (event_id, worker) DO NOTHING RETURNING event_id, worker \
+ ) SELECT EXISTS (SELECT 1 FROM inserted x \
+   WHERE x.event_id = i.event_id AND x.worker = i.worker) \
+ FROM input i ORDER BY i.n";
 
 /// The batched `start` statement (see [`Store::begin_runs`]). Each input row looks up its
 /// decided row by primary key and its ticket's last completed hash through
@@ -192,26 +211,7 @@ impl Store {
         records: &[(LedgerEntry, UsageRecord)],
     ) -> Result<Vec<LedgerEntry>, StoreError> {
         let client = self.hot_client().await?;
-        let statement = client
-            .prepare_cached(
-                "WITH input AS ( \
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-                   $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[], \
-                   $11::int8[], $12::int8[]) WITH ORDINALITY AS i(event_id, worker, org_id, \
-                   ticket_id, result_id, outcome, input_hash, result, model, requests, \
-                   prompt_tokens, completion_tokens, n) \
-                 ), inserted AS ( \
-                   INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
-                   outcome, input_hash, result, model, requests, prompt_tokens, completion_tokens) \
-                   SELECT event_id, worker, org_id, ticket_id, result_id, outcome, input_hash, \
-                   result::json, model, requests, prompt_tokens, completion_tokens \
-                   FROM input ORDER BY event_id, worker \
-                   ON CONFLICT (event_id, worker) DO NOTHING RETURNING event_id, worker \
-                 ) SELECT EXISTS (SELECT 1 FROM inserted x \
-                   WHERE x.event_id = i.event_id AND x.worker = i.worker) \
-                 FROM input i ORDER BY i.n",
-            )
-            .await?;
+        let statement = client.prepare_cached(RECORD_RESULTS).await?;
         let event_ids = texts(records, |(e, _)| &e.event_id);
         let workers = texts(records, |(e, _)| &e.worker);
         let org_ids = texts(records, |(e, _)| &e.org_id);

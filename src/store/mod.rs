@@ -201,8 +201,32 @@ mod tests {
         assert_eq!(row.get::<_, String>(0), "force_custom_plan");
     }
 
+    /// The plan Postgres keeps for `sql` (parameters of `types`) executed with `args`.
+    async fn kept_plan(
+        client: &tokio_postgres::Client,
+        sql: &str,
+        types: &str,
+        args: &str,
+    ) -> String {
+        client
+            .batch_execute(&format!(
+                "SET plan_cache_mode = force_generic_plan; DEALLOCATE ALL; \
+                 PREPARE plan_of({types}) AS {sql}"
+            ))
+            .await
+            .unwrap();
+        client
+            .query(&format!("EXPLAIN EXECUTE plan_of({args})"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The hot path's planning mode on a connection of a new pool over `database_url`, and
-    /// the plan Postgres would keep for the batched `start` statement there.
+    /// the plans Postgres would keep there for its three statements.
     async fn hot_planning(database_url: &str) -> (String, String) {
         let store = Store::connect(database_url, 1).unwrap();
         let client = store.hot_client().await.unwrap();
@@ -211,31 +235,30 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        client
-            .batch_execute(&format!(
-                "SET plan_cache_mode = force_generic_plan; PREPARE start_plan(text[], text[], \
-                 text[], text[], text[], float8) AS {}",
-                ledger::BEGIN_RUNS
-            ))
-            .await
-            .unwrap();
-        let plan = client
-            .query(
-                "EXPLAIN EXECUTE start_plan('{e}', '{w}', '{o}', '{t}', '{h}', 15)",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n");
-        (mode, plan)
+        let start = kept_plan(
+            &client,
+            ledger::BEGIN_RUNS,
+            "text[], text[], text[], text[], text[], float8",
+            "'{e}', '{w}', '{o}', '{t}', '{h}', 15",
+        )
+        .await;
+        // A recorded result that lost a race is read back.
+        let entry = kept_plan(&client, ledger::SELECT_ENTRY, "text, text", "'e', 'w'").await;
+        let record = kept_plan(
+            &client,
+            ledger::RECORD_RESULTS,
+            "text[], text[], text[], text[], text[], text[], text[], text[], text[], int4[], \
+             int8[], int8[]",
+            "'{e}', '{w}', '{o}', '{t}', '{r}', '{completed}', '{h}', '{\"{}\"}', '{m}', \
+             '{1}', '{1}', '{1}'",
+        )
+        .await;
+        (mode, format!("{start}\n{entry}\n{record}"))
     }
 
     /// Against the local Postgres, on a database of its own: hot-path connections keep their
-    /// plans only once the ledger is large, and the kept `start` plan looks the ledger up by
-    /// index only (a scan kept in a plan would read the whole ledger for every event).
+    /// plans only once the ledger is large, and the kept plans look the ledger up by index
+    /// only (a scan kept in a plan would read the whole ledger for every event).
     #[tokio::test]
     async fn hot_connections_keep_index_only_plans_once_the_ledger_is_large() {
         let name = format!(
@@ -248,12 +271,28 @@ mod tests {
         );
         let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
         migrations::migrate(&url).await.unwrap();
+        let store = Store::connect(&url, 1).unwrap();
+        // A tenth of the threshold: plans are not kept yet, but the statements are written so
+        // that they would already be index lookups (the `start` statement before its LATERAL
+        // form hashed a scan of the whole ledger here).
+        store.seed_bench_ledger(1_000).await.unwrap();
         let small = hot_planning(&url).await;
-        Store::connect(&url, 1)
-            .unwrap()
-            .seed_bench_ledger(GENERIC_PLANS_FROM_ROWS as u32)
+        let rest = GENERIC_PLANS_FROM_ROWS as i32 - 1_000;
+        let client = store.client().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO processed_events (event_id, worker, org_id, ticket_id, result_id, \
+                 outcome, result) SELECT 'more-' || g, 'summarize', 'more-org', 'M-' || g, \
+                 'more-' || g, 'completed', '{}' FROM generate_series(1, $1::int4) g",
+                &[&rest],
+            )
             .await
             .unwrap();
+        client
+            .batch_execute("ANALYZE processed_events")
+            .await
+            .unwrap();
+        drop(client);
         let large = hot_planning(&url).await;
         let (admin, connection) = tokio_postgres::connect(
             "postgres://postgres@127.0.0.1:5432/postgres",
@@ -269,15 +308,17 @@ mod tests {
 
         assert_eq!(small.0, "force_custom_plan");
         assert_eq!(large.0, "force_generic_plan");
-        let plan = large.1;
-        assert!(!plan.contains("Seq Scan"), "{plan}");
-        assert!(
-            plan.contains("Index Scan using processed_events_pkey"),
-            "{plan}"
-        );
-        assert!(
-            plan.contains("Index Scan using processed_events_last_completed"),
-            "{plan}"
-        );
+        for plan in [small.1, large.1] {
+            assert!(!plan.contains("Seq Scan"), "{plan}");
+            assert!(!plan.contains("Hash"), "{plan}");
+            assert!(
+                plan.contains("Index Scan using processed_events_pkey"),
+                "{plan}"
+            );
+            assert!(
+                plan.contains("Index Scan using processed_events_last_completed"),
+                "{plan}"
+            );
+        }
     }
 }
