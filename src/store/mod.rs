@@ -84,9 +84,10 @@ const SESSION_SETUP: &str = "SET plan_cache_mode = force_custom_plan";
 /// the ledger is at least this large as the connection opens, and afresh at every execution
 /// below it. Planning was a third of Postgres' CPU at saturation (`pg_stat_statements`:
 /// 0.34 ms to plan a `start` statement that ran in 0.40). The statements are written so that
-/// their plan has no choice but index lookups once the planner sees a ledger of this size
-/// (a test checks the plan); on a smaller or just-truncated ledger it could pick scans that
-/// would be kept as the ledger grows, which is why small ledgers keep planning afresh.
+/// their plan has no choice but index lookups once the planner sees a ledger a tenth of this
+/// size (a test checks the plans at both sizes); on an emptier or just-truncated ledger it
+/// could pick scans that would be kept as the ledger grows, which is why small ledgers keep
+/// planning afresh.
 pub const GENERIC_PLANS_FROM_ROWS: f64 = 10_000.0;
 /// How long a hot-path connection lives: a new install starts with a small ledger, and its
 /// connections are renewed so that they move to kept plans once it has grown.
