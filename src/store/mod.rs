@@ -177,15 +177,40 @@ async fn set_up_session(client: &tokio_postgres::Client, hot: bool) {
         client.batch_execute(SESSION_SETUP).await?;
         if hot {
             let rows: f64 = client.query_one(LEDGER_ROWS, &[]).await?.try_get(0)?;
-            if rows >= GENERIC_PLANS_FROM_ROWS {
+            let keep = rows >= GENERIC_PLANS_FROM_ROWS;
+            if keep {
                 client.batch_execute(HOT_SESSION).await?;
             }
+            report_planning(keep, rows);
         }
         Ok::<_, tokio_postgres::Error>(())
     };
     if let Err(err) = setup.await {
         tracing::warn!(error = %StoreError::from(err), "cannot set plan_cache_mode; \
             Postgres may keep plans made while the ledger was small");
+    }
+}
+
+/// Says once per process, and again whenever it changes, whether the hot path keeps its plans:
+/// an operator whose ledger is never analyzed (autovacuum off) sees why it stays on the slower
+/// mode.
+fn report_planning(keep: bool, rows: f64) {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    // 0: not said yet, 1: planning afresh, 2: keeping plans.
+    static SAID: AtomicU8 = AtomicU8::new(0);
+    let now = if keep { 2 } else { 1 };
+    if SAID.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
+    let ledger_rows = rows.max(0.0) as u64;
+    if keep {
+        tracing::info!(ledger_rows, "ledger statements keep their plans");
+    } else {
+        tracing::info!(
+            ledger_rows,
+            from_rows = GENERIC_PLANS_FROM_ROWS as u64,
+            "ledger statements are planned at each run until the ledger is larger"
+        );
     }
 }
 
