@@ -90,6 +90,12 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_SHUTDOWN_GRACE_SECS", global = true)]
     pub shutdown_grace_secs: Option<u64>,
 
+    /// Days a decided result stays in the ledger; older ones are deleted every hour, their
+    /// provider usage kept as daily totals. An event redelivered after that is processed
+    /// again. 0 keeps every result forever. Default: 90.
+    #[arg(long, env = "COPILOT_LEDGER_RETENTION_DAYS", global = true)]
+    pub ledger_retention_days: Option<u32>,
+
     /// Log format: `human` or `json`. Default: `human`.
     #[arg(long, env = "COPILOT_LOG_FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
@@ -129,6 +135,8 @@ pub struct Settings {
     pub provider_timeout: Duration,
     pub provider_max_attempts: u32,
     pub shutdown_grace: Duration,
+    /// 0: never prune.
+    pub ledger_retention_days: u32,
     pub log_format: LogFormat,
     pub admin_token: Option<SecretString>,
 }
@@ -175,6 +183,7 @@ impl SettingsArgs {
             provider_timeout_secs,
             provider_max_attempts,
             shutdown_grace_secs,
+            ledger_retention_days,
             log_format
         );
         Ok(self)
@@ -240,6 +249,7 @@ impl SettingsArgs {
             provider_timeout: Duration::from_secs(args.provider_timeout_secs.unwrap_or(60)),
             provider_max_attempts,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.unwrap_or(25)),
+            ledger_retention_days: args.ledger_retention_days.unwrap_or(90),
             log_format: args.log_format.unwrap_or_default(),
             admin_token: args.admin_token.or_else(|| {
                 std::env::var("COPILOT_ADMIN_TOKEN")

@@ -94,6 +94,11 @@ pub async fn run(
     // Stops the config listener however this function returns.
     let _background_guard = background.clone().drop_guard();
     tokio::spawn(report_config_health(store.clone(), background.clone()));
+    tokio::spawn(crate::store::retention::keep_pruning(
+        store.clone(),
+        settings.ledger_retention_days,
+        background.clone(),
+    ));
     tokio::spawn(crate::pipeline::claim::renew_claims(
         store.clone(),
         instance.clone(),

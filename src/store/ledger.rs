@@ -163,16 +163,22 @@ fn entry_from_row(
 }
 
 impl Store {
-    /// Usage of `org_id` since `since` (`YYYY-MM-DD`, inclusive), newest day first.
+    /// Usage of `org_id` since `since` (`YYYY-MM-DD`, inclusive), newest day first: the
+    /// ledger's rows and, for results past retention, their rolled-up usage.
     pub async fn usage(&self, org_id: &str, since: &str) -> Result<Vec<UsageRow>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, worker, \
-                 coalesce(model, ''), sum(requests)::bigint, sum(prompt_tokens)::bigint, \
-                 sum(completion_tokens)::bigint FROM processed_events \
-                 WHERE org_id = $1 AND created_at >= $2::text::date AND requests > 0 \
-                 GROUP BY 1, 2, 3 ORDER BY 1 DESC, 2, 3",
+                "SELECT to_char(day, 'YYYY-MM-DD'), worker, model, sum(requests)::bigint, \
+                 sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint FROM ( \
+                   SELECT (created_at AT TIME ZONE 'UTC')::date AS day, worker, \
+                   coalesce(model, '') AS model, requests::bigint AS requests, prompt_tokens, \
+                   completion_tokens FROM processed_events \
+                   WHERE org_id = $1 AND created_at >= $2::text::date AND requests > 0 \
+                   UNION ALL \
+                   SELECT day, worker, model, requests, prompt_tokens, completion_tokens \
+                   FROM usage_rollup WHERE org_id = $1 AND day >= $2::text::date \
+                 ) u GROUP BY 1, 2, 3 ORDER BY 1 DESC, 2, 3",
                 &[&org_id, &since],
             )
             .await?;
@@ -384,6 +390,68 @@ impl Store {
                 &[&pattern, &lease.as_secs_f64(), &due_within.as_secs_f64()],
             )
             .await?)
+    }
+
+    /// Deletes up to `batch` ledger rows of `org_id` older than `keep_days`, adding their
+    /// provider usage to `usage_rollup` in the same statement (so usage is never counted
+    /// twice nor lost). Returns the rows deleted. Replicas may prune at once: each takes rows
+    /// the others have not locked.
+    pub async fn prune_ledger_of(
+        &self,
+        org_id: &str,
+        keep_days: u32,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let days = i32::try_from(keep_days).unwrap_or(i32::MAX);
+        let row = client
+            .query_one(
+                "WITH doomed AS ( \
+                   SELECT event_id, worker FROM processed_events \
+                   WHERE org_id = $1 AND created_at < now() - make_interval(days => $2) \
+                   LIMIT $3 FOR UPDATE SKIP LOCKED \
+                 ), gone AS ( \
+                   DELETE FROM processed_events p USING doomed d \
+                   WHERE p.event_id = d.event_id AND p.worker = d.worker \
+                   RETURNING p.org_id, p.created_at, p.worker, p.model, p.requests, \
+                   p.prompt_tokens, p.completion_tokens \
+                 ), rolled AS ( \
+                   INSERT INTO usage_rollup AS u (org_id, day, worker, model, requests, \
+                   prompt_tokens, completion_tokens) \
+                   SELECT org_id, (created_at AT TIME ZONE 'UTC')::date, worker, \
+                   coalesce(model, ''), sum(requests), sum(prompt_tokens), \
+                   sum(completion_tokens) FROM gone WHERE requests > 0 GROUP BY 1, 2, 3, 4 \
+                   ON CONFLICT (org_id, day, worker, model) DO UPDATE SET \
+                   requests = u.requests + EXCLUDED.requests, \
+                   prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
+                   completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens \
+                   RETURNING 1 \
+                 ) SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM rolled)",
+                &[&org_id, &days, &batch],
+            )
+            .await?;
+        let gone: i64 = row.try_get(0)?;
+        Ok(u64::try_from(gone).unwrap_or(0))
+    }
+
+    /// The orgs with rows in the ledger, read from its `(org_id, created_at)` index one org at
+    /// a time (a skip scan) rather than by reading every row.
+    pub async fn ledger_orgs(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "WITH RECURSIVE orgs AS ( \
+                   SELECT min(org_id) AS org_id FROM processed_events \
+                   UNION ALL \
+                   SELECT (SELECT min(org_id) FROM processed_events WHERE org_id > orgs.org_id) \
+                   FROM orgs WHERE orgs.org_id IS NOT NULL \
+                 ) SELECT org_id FROM orgs WHERE org_id IS NOT NULL",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(StoreError::from))
+            .collect()
     }
 
     /// Deletes the claims whose lease has lapsed: those of recorded results (no longer

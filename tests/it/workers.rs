@@ -339,17 +339,24 @@ async fn org_context_chooses_workers_models_tone_and_language() {
     h.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_is_accounted_per_org_day_worker_and_model() {
+/// org_acme's two new tickets (events `ids`) through `summarize` and `language`, all four
+/// results arrived; the provider must outlive the harness's use.
+async fn two_tickets_summarized_and_detected(ids: [&str; 2]) -> (Harness, MockServer) {
     let mut h = Harness::workers(&["summarize", "language"]).await;
     let provider = provider_for_all().await;
     h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
         .await;
-    h.publish(&ticket_event("evt_u1", "org_acme", "ticket.created"))
-        .await;
-    h.publish(&ticket_event("evt_u2", "org_acme", "ticket.created"))
-        .await;
+    for id in ids {
+        h.publish(&ticket_event(id, "org_acme", "ticket.created"))
+            .await;
+    }
     h.results(4, WAIT).await;
+    (h, provider)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_accounted_per_org_day_worker_and_model() {
+    let (h, _provider) = two_tickets_summarized_and_detected(["evt_u1", "evt_u2"]).await;
     let rows = h.store.usage("org_acme", "2000-01-01").await.unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     for row in rows {
@@ -365,6 +372,57 @@ async fn usage_is_accounted_per_org_day_worker_and_model() {
             .unwrap()
             .is_empty()
     );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_past_retention_are_pruned_and_their_usage_kept() {
+    let (h, _provider) = two_tickets_summarized_and_detected(["evt_r1", "evt_r2"]).await;
+    // evt_r1's results were decided 100 days ago.
+    let (sql, connection) =
+        tokio_postgres::connect(&h.settings.database_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let backdated = sql
+        .execute(
+            "UPDATE processed_events SET created_at = now() - interval '100 days' \
+             WHERE event_id = 'evt_r1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(backdated, 2);
+    let before = h.store.usage("org_acme", "2000-01-01").await.unwrap();
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    assert_eq!(h.store.prune_ledger(90).await.unwrap(), 2);
+    assert!(
+        h.store
+            .ledger_entry("evt_r1", "summarize")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        h.store
+            .ledger_entry("evt_r2", "summarize")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Usage is the same, day by day, and a second round neither deletes nor counts again.
+    assert_eq!(
+        h.store.usage("org_acme", "2000-01-01").await.unwrap(),
+        before
+    );
+    assert_eq!(h.store.prune_ledger(90).await.unwrap(), 0);
+    assert_eq!(
+        h.store.usage("org_acme", "2000-01-01").await.unwrap(),
+        before
+    );
+    // Retention counts in days: nothing younger than the period goes.
+    assert_eq!(h.store.prune_ledger(1).await.unwrap(), 0);
     h.finish().await;
 }
 
