@@ -113,11 +113,7 @@ pub async fn run(
         None => axum::Router::new(),
     };
     let abandon = CancellationToken::new();
-    let configs = ConfigCache::start(
-        store.clone(),
-        settings.database_url.clone(),
-        background.clone(),
-    );
+    let configs = ConfigCache::start(store.clone(), background.clone());
     let pipeline = Arc::new(Pipeline {
         store: store.clone(),
         ledger: Ledger::start(&store, CLAIM_LEASE),

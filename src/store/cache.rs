@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_postgres::AsyncMessage;
-
-use super::tls::Target;
 use tokio_util::sync::CancellationToken;
 
 use super::configs::ProviderConfig;
@@ -37,18 +35,14 @@ pub struct ConfigCache {
 
 impl ConfigCache {
     /// Creates the cache and starts its listener, which runs until `shutdown`.
-    pub fn start(
-        store: Store,
-        database_url: String,
-        shutdown: CancellationToken,
-    ) -> Arc<ConfigCache> {
+    pub fn start(store: Store, shutdown: CancellationToken) -> Arc<ConfigCache> {
         let cache = Arc::new(ConfigCache {
             store,
             entries: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
             listening: AtomicBool::new(false),
         });
-        tokio::spawn(listen(cache.clone(), database_url, shutdown));
+        tokio::spawn(listen(cache.clone(), shutdown));
         cache
     }
 
@@ -98,14 +92,10 @@ impl ConfigCache {
 }
 
 /// Keeps a dedicated connection listening; reconnects with backoff when it drops.
-async fn listen(cache: Arc<ConfigCache>, database_url: String, shutdown: CancellationToken) {
+async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
     let mut waits = crate::provider::retry::outage_backoff();
     while !shutdown.is_cancelled() {
-        let connected = match Target::parse(&database_url) {
-            Ok(target) => target.connect().await,
-            Err(err) => Err(err),
-        };
-        match connected {
+        match cache.store.target().connect().await {
             Ok((client, mut notifications, driver)) => {
                 if let Err(err) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                     tracing::warn!(error = %err, "cannot LISTEN for config changes");

@@ -394,7 +394,8 @@ impl Store {
 
     /// Deletes up to `batch` ledger rows of `org_id` older than `keep_days`, adding their
     /// provider usage to `usage_rollup` in the same statement (so usage is never counted
-    /// twice nor lost). Returns the rows deleted. Replicas may prune at once: each takes rows
+    /// twice nor lost; Postgres runs a data-modifying `WITH` part whether or not the query
+    /// reads it). Returns the rows deleted. Replicas may prune at once: each takes rows
     /// the others have not locked.
     pub async fn prune_ledger_of(
         &self,
@@ -425,8 +426,7 @@ impl Store {
                    requests = u.requests + EXCLUDED.requests, \
                    prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens, \
                    completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens \
-                   RETURNING 1 \
-                 ) SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM rolled)",
+                 ) SELECT count(*) FROM gone",
                 &[&org_id, &days, &batch],
             )
             .await?;

@@ -14,8 +14,9 @@ const MIGRATION_LOCK: i64 = 0x0063_6f70_696c_6f74;
 /// Creates the target database if it does not exist, then applies pending migrations.
 /// Returns the names of the migrations applied by this call.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
-    ensure_database(database_url).await?;
-    let (mut client, _messages, driver) = Target::parse(database_url)?.connect().await?;
+    let target = Target::parse(database_url)?;
+    ensure_database(&target).await?;
+    let (mut client, _messages, driver) = target.connect().await?;
     // Replicas and jobs may migrate at once: the second waits here, then finds nothing to do.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -36,8 +37,8 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, StoreError> {
 
 /// Connects to the server's `postgres` database and creates the target one when missing.
 /// Two replicas racing to create it is fine: the loser sees `duplicate_database`.
-pub async fn ensure_database(database_url: &str) -> Result<(), StoreError> {
-    let mut admin = Target::parse(database_url)?;
+async fn ensure_database(target: &Target) -> Result<(), StoreError> {
+    let mut admin = target.clone();
     let Some(dbname) = admin.config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };

@@ -72,6 +72,8 @@ impl StoreError {
 pub struct Store {
     pool: Pool,
     hot: Pool,
+    /// Where the pools connect, for connections of their own (the config listener's).
+    target: std::sync::Arc<tls::Target>,
 }
 
 /// Run on every new connection. Every statement is planned for its own parameters and the
@@ -111,35 +113,20 @@ impl Store {
     pub fn connect(database_url: &str, max_size: usize) -> Result<Store, StoreError> {
         let mut target = tls::Target::parse(database_url)?;
         target.config.connect_timeout(Duration::from_secs(5));
-        let pool = pool_builder(&target, max_size)
-            .post_create(Hook::async_fn(|client, _| {
-                Box::pin(async move {
-                    set_up_session(client, false).await;
-                    Ok(())
-                })
-            }))
-            .build()
-            .map_err(|err| StoreError::Url(err.to_string()))?;
-        let hot = pool_builder(&target, ledger::HOT_CONNECTIONS)
-            .post_create(Hook::async_fn(|client, _| {
-                Box::pin(async move {
-                    set_up_session(client, true).await;
-                    Ok(())
-                })
-            }))
-            .pre_recycle(Hook::sync_fn(|_, metrics| {
-                if metrics.age() > HOT_CONNECTION_LIFETIME {
-                    return Err(deadpool_postgres::HookError::message("renewed"));
-                }
-                Ok(())
-            }))
-            .build()
-            .map_err(|err| StoreError::Url(err.to_string()))?;
-        Ok(Store { pool, hot })
+        Ok(Store {
+            pool: build_pool(&target, max_size, false)?,
+            hot: build_pool(&target, ledger::HOT_CONNECTIONS, true)?,
+            target: std::sync::Arc::new(target),
+        })
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Where the pools connect.
+    pub(crate) fn target(&self) -> &tls::Target {
+        &self.target
     }
 
     /// A connection for the hot path's batched ledger statements.
@@ -156,12 +143,13 @@ impl Store {
     }
 }
 
-/// A pool of `max_size` connections with every timeout set.
-fn pool_builder(target: &tls::Target, max_size: usize) -> deadpool_postgres::PoolBuilder {
+/// A pool of `max_size` connections with every timeout set; `hot` for the hot path's (see
+/// [`HOT_SESSION`]), whose connections are renewed after [`HOT_CONNECTION_LIFETIME`].
+fn build_pool(target: &tls::Target, max_size: usize, hot: bool) -> Result<Pool, StoreError> {
     let manager = target.manager(ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     });
-    Pool::builder(manager)
+    let mut builder = Pool::builder(manager)
         .max_size(max_size)
         // Waiting for a free connection is load, not an outage (an outage shows up as a
         // failed create, bounded below): thousands of in-flight events may queue here.
@@ -169,6 +157,23 @@ fn pool_builder(target: &tls::Target, max_size: usize) -> deadpool_postgres::Poo
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(2)))
         .runtime(Runtime::Tokio1)
+        .post_create(Hook::async_fn(move |client, _| {
+            Box::pin(async move {
+                set_up_session(client, hot).await;
+                Ok(())
+            })
+        }));
+    if hot {
+        builder = builder.pre_recycle(Hook::sync_fn(|_, metrics| {
+            if metrics.age() > HOT_CONNECTION_LIFETIME {
+                return Err(deadpool_postgres::HookError::message("renewed"));
+            }
+            Ok(())
+        }));
+    }
+    builder
+        .build()
+        .map_err(|err| StoreError::Url(err.to_string()))
 }
 
 /// Sets a new connection's planning: afresh for every statement, or (`hot`, and the ledger

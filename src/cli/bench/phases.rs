@@ -252,7 +252,8 @@ impl Bench {
         }
     }
 
-    /// (a) The broker alone: consume, publish a result-sized message with a confirm, ack.
+    /// (a) The broker alone: consume, publish a result event shaped like the worker's with a
+    /// confirm, ack.
     pub async fn baseline(&self, label: &str, n: usize) -> anyhow::Result<Row> {
         let topology = self.topology(label);
         topology
