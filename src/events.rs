@@ -355,11 +355,21 @@ pub fn result_id(source_event_id: &str, worker: &str) -> String {
     input.push(0);
     input.extend_from_slice(worker.as_bytes());
     let digest = ring::digest::digest(&ring::digest::SHA256, &input);
-    let hex: String = digest.as_ref()[..16]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    format!("res_{hex}")
+    let mut id = String::with_capacity(4 + 32);
+    id.push_str("res_");
+    push_hex(&mut id, &digest.as_ref()[..16]);
+    id
+}
+
+/// Appends `bytes` to `out` as lowercase hex (ids and hashes on the hot path: no allocation
+/// per byte).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
 }
 
 /// Now, as an RFC 3339 UTC timestamp.
@@ -456,5 +466,14 @@ mod tests {
             result_id("evt_1", "summarize"),
             result_id("evt_2", "summarize")
         );
+        // The id of a result already published must not change from one version to the
+        // next: downstream deduplicates on it. (SHA-256 of "evt_1\0summarize", first 16 bytes.)
+        assert_eq!(
+            result_id("evt_1", "summarize"),
+            "res_f2e2c53ae180aed6d397f71ce319e44d"
+        );
+        let mut hex = String::new();
+        push_hex(&mut hex, &[0x00, 0x0f, 0xa5, 0xff]);
+        assert_eq!(hex, "000fa5ff");
     }
 }

@@ -228,7 +228,9 @@ async fn check_database(store: &Store, keys: &KeyRing) -> anyhow::Result<()> {
 fn instance_id() -> String {
     let mut bytes = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut id = String::new();
+    crate::events::push_hex(&mut id, &bytes);
+    id
 }
 
 /// Refreshes the config-health gauges every 30 s until `stop`.

@@ -334,31 +334,62 @@ fn error_code(body: &[u8]) -> Option<String> {
     code.or_else(|| error.get("type").and_then(Value::as_str).and_then(clean))
 }
 
+/// The parts of a chat completion the worker reads, borrowed from the body where the JSON
+/// allows. The token counts and the model name are read leniently (a provider that sends
+/// them oddly typed still answered).
+#[derive(Deserialize)]
+struct ReplyBody<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<ReplyChoice<'a>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ReplyChoice<'a> {
+    #[serde(borrow, default)]
+    message: Option<ReplyMessage<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ReplyMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
 fn parse_reply(
     bytes: &[u8],
     latency: Duration,
     requested_model: &str,
 ) -> Result<ChatReply, ProviderError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|_| ProviderError::Malformed("not JSON".into()))?;
-    let content = value
-        .pointer("/choices/0/message/content")
-        .and_then(Value::as_str)
+    let reply: ReplyBody = serde_json::from_slice(bytes)
+        .map_err(|_| ProviderError::Malformed("not a chat completion".into()))?;
+    let content = reply
+        .choices
+        .into_iter()
+        .next()
+        .and_then(|choice| choice.message)
+        .and_then(|message| message.content)
         .ok_or_else(|| ProviderError::Malformed("no choices[0].message.content".into()))?;
     let tokens = |name: &str| {
-        value
-            .pointer(&format!("/usage/{name}"))
+        reply
+            .usage
+            .as_ref()
+            .and_then(|usage| usage.get(name))
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };
     Ok(ChatReply {
-        content: content.to_owned(),
+        content: content.into_owned(),
         usage: Usage {
             prompt_tokens: tokens("prompt_tokens"),
             completion_tokens: tokens("completion_tokens"),
         },
-        model: value
-            .get("model")
+        model: reply
+            .model
+            .as_ref()
             .and_then(Value::as_str)
             .unwrap_or(requested_model)
             .to_owned(),
@@ -389,5 +420,12 @@ mod tests {
         assert_eq!(reply.usage.completion_tokens, 4);
         assert_eq!(reply.model, "m-1");
         assert!(parse_reply(b"{}", Duration::ZERO, "m").is_err());
+        assert!(parse_reply(b"<html>", Duration::ZERO, "m").is_err());
+        // Escapes in the content are decoded; oddly typed counts and model read as absent.
+        let body = br#"{"model":7,"choices":[{"message":{"content":"{\"a\":\"x\\ny\"}"}}],"usage":{"prompt_tokens":"3"}}"#;
+        let reply = parse_reply(body, Duration::ZERO, "asked").unwrap();
+        assert_eq!(reply.content, "{\"a\":\"x\\ny\"}");
+        assert_eq!(reply.usage.prompt_tokens, 0);
+        assert_eq!(reply.model, "asked");
     }
 }

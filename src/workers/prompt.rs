@@ -92,32 +92,44 @@ fn trim_messages(messages: &[TicketMessage], budget: usize) -> (Vec<TicketMessag
 
 /// The ticket as the standard text block every prompt can include as `{{ ticket_text }}`.
 fn transcript(ticket: &Ticket, messages: &[TicketMessage], trim: TrimReport) -> String {
-    let mut text = format!("Ticket: {}\nSubject: {}\n", ticket.id, ticket.subject);
+    use std::fmt::Write as _;
+    // Sized once: the bodies plus a line of labels each (writing to a String cannot fail).
+    let bodies: usize = messages
+        .iter()
+        .map(|message| message.body.len() + message.author_role.len() + 4)
+        .sum();
+    let mut text = String::with_capacity(bodies + ticket.subject.len() + 256);
+    let _ = write!(text, "Ticket: {}\nSubject: {}\n", ticket.id, ticket.subject);
     for (label, value) in [
         ("Status", &ticket.status),
         ("Priority", &ticket.priority),
         ("Channel", &ticket.channel),
     ] {
         if let Some(value) = value {
-            text.push_str(&format!("{label}: {value}\n"));
+            let _ = writeln!(text, "{label}: {value}");
         }
     }
     if !ticket.tags.is_empty() {
-        text.push_str(&format!("Tags: {}\n", ticket.tags.join(", ")));
+        let _ = writeln!(text, "Tags: {}", ticket.tags.join(", "));
     }
     text.push_str("Messages, oldest first:\n");
     for (index, message) in messages.iter().enumerate() {
         if index == 1 && trim.omitted_messages > 0 {
-            text.push_str(&format!(
-                "[… {} earlier messages omitted to fit the budget …]\n",
+            let _ = writeln!(
+                text,
+                "[… {} earlier messages omitted to fit the budget …]",
                 trim.omitted_messages
-            ));
+            );
         }
-        text.push_str(&format!(
-            "[{}] {}\n",
-            message.author_role,
-            message.body.replace('\n', " ")
-        ));
+        let _ = write!(text, "[{}] ", message.author_role);
+        // One line per message: its line breaks become spaces.
+        for (i, line) in message.body.split('\n').enumerate() {
+            if i > 0 {
+                text.push(' ');
+            }
+            text.push_str(line);
+        }
+        text.push('\n');
     }
     text
 }
@@ -162,6 +174,7 @@ impl Worker {
                 reply_language => &org.reply_language,
             },
         };
+        let schema_text = schema_text.as_deref().unwrap_or(&self.schema_text);
         let render = |name: &str| {
             self.templates
                 .get_template(name)
@@ -171,12 +184,12 @@ impl Worker {
                     reason: err.to_string(),
                 })
         };
+        const SCHEMA_INTRO: &str = "\n\nAnswer with one JSON object and nothing else: no prose, \
+             no code fences. It must validate against this JSON Schema:\n";
         let mut system = render("system")?;
-        system.push_str(
-            "\n\nAnswer with one JSON object and nothing else: no prose, no code fences. \
-             It must validate against this JSON Schema:\n",
-        );
-        system.push_str(schema_text.as_deref().unwrap_or(&self.schema_text));
+        system.reserve_exact(SCHEMA_INTRO.len() + schema_text.len());
+        system.push_str(SCHEMA_INTRO);
+        system.push_str(schema_text);
         let user = render("prompt")?;
         let response_format = match mode {
             StructuredMode::JsonSchema => ResponseFormat::JsonSchema {
@@ -186,13 +199,13 @@ impl Worker {
             StructuredMode::JsonObject => ResponseFormat::JsonObject,
             StructuredMode::Prompt => ResponseFormat::Text,
         };
-        let mut hash_input = Vec::new();
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         for part in [model, system.as_str(), user.as_str()] {
-            hash_input.extend_from_slice(part.as_bytes());
-            hash_input.push(0);
+            hasher.update(part.as_bytes());
+            hasher.update(&[0]);
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, &hash_input);
-        let input_hash = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut input_hash = String::with_capacity(64);
+        crate::events::push_hex(&mut input_hash, hasher.finish().as_ref());
         Ok(Prepared {
             messages: vec![
                 ChatMessage::new("system", system),
