@@ -1,19 +1,21 @@
 //! One HTTP client for every org's OpenAI-compatible `/chat/completions`.
 //!
 //! Each request carries only its own org's key, sent in the header its profile expects. The
-//! client never follows redirects and resolves names through the endpoint guard. Error
-//! bodies are read only for the provider's short error code; they are never logged or stored.
+//! client never follows redirects and connects only where the endpoint guard allows
+//! (`http.rs`). Error bodies are read only for the provider's short error code; they are
+//! never logged or stored.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Profile;
-use super::guard::{self, EndpointRefused, GuardedResolver};
+use super::guard;
+use super::http::{HttpClient, HttpError};
 use super::retry::{ProviderError, parse_retry_after};
 use crate::config::EndpointPolicy;
 use crate::events::Usage;
@@ -121,33 +123,23 @@ pub struct ChatReply {
 /// The shared client. Cheap to clone.
 #[derive(Clone)]
 pub struct ProviderClient {
-    http: reqwest::Client,
+    http: HttpClient,
     policy: EndpointPolicy,
 }
 
 impl ProviderClient {
+    /// Calls go over HTTP/1.1 only: with HTTP/2, every call to a host shares one connection
+    /// and its stream limit (often 100-256 calls in flight), so all orgs on one provider
+    /// (api.openai.com) would queue behind each other. Idle connections are kept for reuse
+    /// however many calls were in flight (closing them would mean a new connection, and a
+    /// TLS handshake, per call in the next burst); one idle for a minute is closed. Retries
+    /// are ours (`retry.rs`).
     pub fn new(policy: EndpointPolicy) -> Result<ProviderClient, ProviderError> {
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .dns_resolver(GuardedResolver::new(policy) as Arc<_>)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(10))
-            // Idle connections are kept for reuse however many calls were in flight (closing
-            // them would mean a new connection, and a TLS handshake, per call in the next
-            // burst); an idle one is closed after a minute.
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("copilot-workers/", env!("CARGO_PKG_VERSION")))
-            // HTTP/1.1 only: with HTTP/2, hyper puts every call to a host on one connection
-            // and never opens a second, so all orgs on one provider (api.openai.com) would
-            // share that connection's stream limit (often 100-256 calls in flight).
-            .http1_only()
-            // Retries are ours (`retry.rs`); reqwest's own would keep a copy of every request
-            // in flight for a retry we never want.
-            .retry(reqwest::retry::never().max_retries_per_request(0))
-            .build()
-            .map_err(|err| ProviderError::Connect(err.to_string()))?;
-        Ok(ProviderClient { http, policy })
+        Ok(ProviderClient {
+            http: HttpClient::new(policy),
+            policy,
+        })
     }
 
     pub fn policy(&self) -> EndpointPolicy {
@@ -237,45 +229,43 @@ impl ProviderClient {
             })?;
             grown.as_slice().to_vec()
         };
-        let mut builder = self
-            .http
-            .post(url)
-            .timeout(target.timeout)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
+        let mut headers = HeaderMap::with_capacity(5);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("copilot-workers/", env!("CARGO_PKG_VERSION"))),
+        );
         match (&target.api_key, target.profile) {
             (Some(key), Profile::Azure) => {
-                builder = builder.header("api-key", sensitive(key.expose_secret())?);
+                headers.insert("api-key", sensitive(key.expose_secret())?);
             }
             (Some(key), _) => {
                 let value = format!("Bearer {}", key.expose_secret());
-                builder = builder.header(AUTHORIZATION, sensitive(&value)?);
+                headers.insert(AUTHORIZATION, sensitive(&value)?);
             }
             (None, profile) if profile.requires_key() => return Err(ProviderError::MissingKey),
             (None, _) => {}
         }
         let started = Instant::now();
-        let mut response = builder
-            .send()
+        let reply = self
+            .http
+            .send(
+                Method::POST,
+                &url,
+                headers,
+                body,
+                target.timeout,
+                MAX_RESPONSE_BYTES,
+            )
             .await
             .map_err(|err| transport_error(err, target.timeout))?;
-        let status = response.status();
-        let retry_after = parse_retry_after(response.headers(), time::OffsetDateTime::now_utc());
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|err| transport_error(err, target.timeout))?
-        {
-            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(ProviderError::Malformed("answer too large".into()));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
         let latency = started.elapsed();
-        if !status.is_success() {
+        let retry_after = parse_retry_after(&reply.headers, time::OffsetDateTime::now_utc());
+        let bytes = reply.body;
+        if !reply.status.is_success() {
             return Err(ProviderError::Status {
-                status: status.as_u16(),
+                status: reply.status.as_u16(),
                 code: error_code(&bytes),
                 retry_after,
             });
@@ -291,20 +281,15 @@ fn sensitive(text: &str) -> Result<HeaderValue, ProviderError> {
     Ok(value)
 }
 
-fn transport_error(err: reqwest::Error, timeout: Duration) -> ProviderError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
-    while let Some(cause) = source {
-        if let Some(refused) = cause.downcast_ref::<EndpointRefused>() {
-            return ProviderError::Refused(refused.clone());
+fn transport_error(err: HttpError, timeout: Duration) -> ProviderError {
+    match err {
+        HttpError::Refused(refused) => ProviderError::Refused(refused),
+        HttpError::Timeout => ProviderError::Timeout(timeout),
+        HttpError::TooLarge(_) => ProviderError::Malformed("answer too large".into()),
+        HttpError::Unresolved | HttpError::Connect | HttpError::Tls(_) => {
+            ProviderError::Connect(err.to_string())
         }
-        source = cause.source();
-    }
-    if err.is_timeout() {
-        ProviderError::Timeout(timeout)
-    } else if err.is_connect() {
-        ProviderError::Connect("connection failed".into())
-    } else {
-        ProviderError::Connect("request failed".into())
+        HttpError::Request => ProviderError::Connect("request failed".into()),
     }
 }
 

@@ -3,13 +3,11 @@
 //! Link-local, cloud-metadata, unspecified, broadcast and multicast addresses are always
 //! refused; loopback and private ranges only when the operator allows them. The check runs on
 //! the URL text (literal addresses, metadata host names) *and* on every address the host name
-//! resolves to at connect time, through [`GuardedResolver`], so a DNS name pointing at a
-//! forbidden address is refused too. Redirects are never followed (see `client.rs`).
+//! resolves to at connect time, through [`resolve`], so a DNS name pointing at a forbidden
+//! address is refused too: the HTTP client (`http.rs`) dials only what these functions
+//! allow. Redirects are never followed (see `client.rs`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
-
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 use crate::config::EndpointPolicy;
 
@@ -107,8 +105,8 @@ pub fn check_ip(ip: IpAddr, policy: EndpointPolicy) -> Result<(), EndpointRefuse
 
 /// Checks what can be checked from the URL text alone: scheme, metadata host names and
 /// literal addresses. Host names are checked again, resolved, when connecting.
-pub fn check_url(url: &str, policy: EndpointPolicy) -> Result<reqwest::Url, EndpointRefused> {
-    let parsed = reqwest::Url::parse(url).map_err(|_| EndpointRefused::BadUrl)?;
+pub fn check_url(url: &str, policy: EndpointPolicy) -> Result<url::Url, EndpointRefused> {
+    let parsed = url::Url::parse(url).map_err(|_| EndpointRefused::BadUrl)?;
     if !matches!(parsed.scheme(), "http" | "https") || !parsed.username().is_empty() {
         return Err(EndpointRefused::BadUrl);
     }
@@ -129,48 +127,44 @@ fn check_host_name(domain: &str) -> Result<(), EndpointRefused> {
     Ok(())
 }
 
-/// A DNS resolver that drops every address the policy refuses and fails when none is left.
-#[derive(Debug, Clone)]
-pub struct GuardedResolver {
+/// Why a host name gave no address to dial.
+#[derive(Debug)]
+pub enum GuardError {
+    /// Every address it resolved to is refused (the last refusal says why).
+    Refused(EndpointRefused),
+    /// It resolved to nothing.
+    Unresolved,
+}
+
+/// Resolves `host` and keeps only the addresses the policy allows; fails when none is left.
+pub async fn resolve(
+    host: &str,
+    port: u16,
     policy: EndpointPolicy,
-}
-
-impl GuardedResolver {
-    pub fn new(policy: EndpointPolicy) -> Arc<GuardedResolver> {
-        Arc::new(GuardedResolver { policy })
-    }
-}
-
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.policy;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            check_host_name(&host)?;
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refusal = None;
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|addr| match check_ip(addr.ip(), policy) {
-                    Ok(()) => true,
-                    Err(err) => {
-                        refusal = Some(err);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let err: Box<dyn std::error::Error + Send + Sync> = match refusal {
-                    Some(err) => Box::new(err),
-                    None => format!("{host} did not resolve").into(),
-                };
-                return Err(err);
+) -> Result<Vec<SocketAddr>, GuardError> {
+    check_host_name(host).map_err(GuardError::Refused)?;
+    let resolved = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| GuardError::Unresolved)?;
+    let mut refusal = None;
+    let allowed: Vec<SocketAddr> = resolved
+        .filter(|addr| match check_ip(addr.ip(), policy) {
+            Ok(()) => true,
+            Err(err) => {
+                refusal = Some(err);
+                false
             }
-            let addrs: Addrs = Box::new(allowed.into_iter());
-            Ok(addrs)
         })
+        .collect();
+    if allowed.is_empty() {
+        return Err(refusal.map_or(GuardError::Unresolved, GuardError::Refused));
     }
+    Ok(allowed)
+}
+
+/// A literal address, if the policy allows it.
+pub fn allowed(addr: SocketAddr, policy: EndpointPolicy) -> Result<SocketAddr, EndpointRefused> {
+    check_ip(addr.ip(), policy).map(|()| addr)
 }
 
 #[cfg(test)]
@@ -251,22 +245,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_resolving_to_loopback_is_refused_unless_allowed() {
-        let strict = GuardedResolver::new(STRICT);
-        let err = match strict.resolve("localhost".parse().unwrap()).await {
-            Ok(_) => panic!("localhost must be refused"),
-            Err(err) => err,
-        };
-        assert!(err.to_string().contains("loopback"), "{err}");
-        let allowed = GuardedResolver::new(LOOPBACK);
-        let addrs: Vec<SocketAddr> = match allowed.resolve("localhost".parse().unwrap()).await {
-            Ok(addrs) => addrs.collect(),
-            Err(err) => panic!("{err}"),
-        };
-        assert!(addrs.iter().all(|addr| addr.ip().is_loopback()));
+        match resolve("localhost", 80, STRICT).await {
+            Err(GuardError::Refused(EndpointRefused::Loopback(_))) => {}
+            other => panic!("localhost must be refused as loopback: {other:?}"),
+        }
+        let addrs = resolve("localhost", 80, LOOPBACK).await.unwrap();
         assert!(!addrs.is_empty());
-        let metadata = allowed
-            .resolve("metadata.google.internal".parse().unwrap())
-            .await;
-        assert!(metadata.is_err());
+        assert!(
+            addrs
+                .iter()
+                .all(|addr| addr.ip().is_loopback() && addr.port() == 80)
+        );
+        assert!(matches!(
+            resolve("metadata.google.internal", 80, LOOPBACK).await,
+            Err(GuardError::Refused(EndpointRefused::Metadata(_)))
+        ));
+        assert!(allowed("127.0.0.1:1".parse().unwrap(), STRICT).is_err());
+        assert!(allowed("127.0.0.1:1".parse().unwrap(), LOOPBACK).is_ok());
     }
 }

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod fake;
 pub mod guard;
+pub mod http;
 pub mod retry;
 
 pub use client::{

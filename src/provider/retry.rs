@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use reqwest::header::HeaderMap;
+use http::HeaderMap;
 
 use super::guard::EndpointRefused;
 
@@ -270,7 +270,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    use reqwest::header::HeaderValue;
+    use http::HeaderValue;
 
     use super::*;
 

@@ -18,11 +18,12 @@ use tokio_util::task::TaskTracker;
 use super::Row;
 use super::measure::{histogram_mean, histogram_quantile, process_stats, rates, reset_peak_rss};
 use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
-use crate::config::Settings;
+use crate::config::{EndpointPolicy, Settings};
 use crate::crypto::KeyRing;
 use crate::events;
 use crate::provider::Profile;
 use crate::provider::fake::{FakeBehaviour, FakeProvider};
+use crate::provider::http::HttpClient;
 use crate::store::Store;
 use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
 
@@ -408,15 +409,12 @@ impl Bench {
             .spawn()
             .context("cannot start the worker child process")?;
         let pid = child.id().context("child has no pid")?;
-        let http = reqwest::Client::new();
-        let ready_url = format!("http://127.0.0.1:{port}/readyz");
+        let http = HttpClient::new(EndpointPolicy {
+            allow_loopback: true,
+            allow_private: false,
+        });
         let ready_ms = loop {
-            if http
-                .get(&ready_url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
+            if get(&http, port, "/readyz").await.is_ok() {
                 break spawned.elapsed().as_secs_f64() * 1000.0;
             }
             if spawned.elapsed() > Duration::from_secs(30) {
@@ -443,12 +441,7 @@ impl Bench {
             pacer.abort();
         }
         let (cpu_after, peak) = process_stats(pid).unwrap_or_default();
-        let page = http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let page = get(&http, port, "/metrics").await?;
         let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.5);
         let p99 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.99);
         let steps: Vec<String> = ["start", "record", "publish", "ack"]
@@ -551,6 +544,25 @@ impl Bench {
         }
         self.link.close().await;
     }
+}
+
+/// The text of the worker's page at `path`, if it answered 200.
+async fn get(http: &HttpClient, port: u16, path: &str) -> anyhow::Result<String> {
+    let url = url::Url::parse(&format!("http://127.0.0.1:{port}{path}"))?;
+    let reply = http
+        .send(
+            http::Method::GET,
+            &url,
+            http::HeaderMap::new(),
+            Vec::new(),
+            Duration::from_secs(5),
+            64 << 20,
+        )
+        .await?;
+    if !reply.status.is_success() {
+        bail!("{path} answered {}", reply.status);
+    }
+    Ok(String::from_utf8_lossy(&reply.body).into_owned())
 }
 
 /// The worker's command: this executable, or, for profiling, the same under the command

@@ -1,0 +1,472 @@
+//! The HTTP/1.1 client that reaches providers, on hyper's connection API with a pool of our
+//! own: idle connections are kept per endpoint (scheme, host, port) and reused, most recently
+//! used first.
+//!
+//! Every new connection goes through the endpoint guard first: a name is resolved here and
+//! each address it resolves to is checked against the policy, and only an allowed address is
+//! dialled, so a name that resolves to a metadata address is never connected to. TLS is
+//! rustls (ring) against the system's root certificates, loaded at the first `https`
+//! connection. No proxy, no redirects, no HTTP/2 (see `ProviderClient::new` for why).
+//!
+//! Why not a general client: one provider call went through reqwest's and hyper-util's
+//! layers (redirect policy, pool keys built from the formatted URI, boxed futures, a timer
+//! per body), which took ≈10 % of the worker's CPU at saturation (BENCHMARKS.md).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::guard::{self, EndpointRefused, GuardError};
+use crate::config::EndpointPolicy;
+
+/// How long dialling one address may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection unused for this long is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often, at most, idle connections past their time are swept out of the pool.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+/// Why an exchange failed. Carries no URL, header or body: nothing that could hold a key.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(transparent)]
+    Refused(#[from] EndpointRefused),
+    #[error("the provider's host name did not resolve")]
+    Unresolved,
+    #[error("connection failed")]
+    Connect,
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("request failed")]
+    Request,
+    #[error("answer larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// A provider's answer, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// Where connections go; the pool's key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Endpoint {
+    https: bool,
+    host: url::Host<String>,
+    port: u16,
+}
+
+struct Idle {
+    sender: SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+struct Pool {
+    idle: HashMap<Endpoint, Vec<Idle>>,
+    swept: Instant,
+}
+
+/// The shared client. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpClient {
+    policy: EndpointPolicy,
+    pool: Arc<Mutex<Pool>>,
+    tls: Arc<OnceLock<Result<tokio_rustls::TlsConnector, String>>>,
+}
+
+impl HttpClient {
+    pub fn new(policy: EndpointPolicy) -> HttpClient {
+        HttpClient {
+            policy,
+            pool: Arc::new(Mutex::new(Pool {
+                idle: HashMap::new(),
+                swept: Instant::now(),
+            })),
+            tls: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Sends one request and reads the whole answer (at most `max_body` bytes), all within
+    /// `timeout`. `headers` are sent as given, plus `host` and `content-length`.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &url::Url,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<Reply, HttpError> {
+        let exchange = self.exchange(method, url, headers, body, max_body);
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(HttpError::Timeout))
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &url::Url,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        max_body: usize,
+    ) -> Result<Reply, HttpError> {
+        let endpoint = endpoint_of(url)?;
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = method;
+        *request.uri_mut() = url[url::Position::BeforePath..url::Position::AfterQuery]
+            .parse()
+            .map_err(|_| HttpError::Refused(EndpointRefused::BadUrl))?;
+        *request.headers_mut() = headers;
+        let authority = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        let host = HeaderValue::from_str(authority)
+            .map_err(|_| HttpError::Refused(EndpointRefused::BadUrl))?;
+        request.headers_mut().insert(header::HOST, host);
+
+        let (mut sender, reused) = match self.checkout(&endpoint).await {
+            Some(sender) => (sender, true),
+            None => (self.connect(&endpoint).await?, false),
+        };
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut failed) => match failed.take_message() {
+                // A reused connection that closed before the request was written: the
+                // provider never saw it, so it goes once more on a new connection.
+                Some(request) if reused => {
+                    sender = self.connect(&endpoint).await?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(|_| HttpError::Request)?
+                }
+                _ => return Err(HttpError::Request),
+            },
+        };
+        let (parts, mut incoming) = response.into_parts();
+        let expected = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        if expected.is_some_and(|length| length > max_body) {
+            return Err(HttpError::TooLarge(max_body));
+        }
+        let mut body = Vec::with_capacity(expected.unwrap_or(0));
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|_| HttpError::Request)?;
+            if let Ok(data) = frame.into_data() {
+                if body.len() + data.len() > max_body {
+                    return Err(HttpError::TooLarge(max_body));
+                }
+                body.extend_from_slice(&data);
+            }
+        }
+        // Read to its end: the connection can carry the next request.
+        self.checkin(endpoint, sender);
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// The most recently used idle connection to `endpoint` that is still open.
+    async fn checkout(&self, endpoint: &Endpoint) -> Option<SendRequest<Full<Bytes>>> {
+        loop {
+            let candidate = {
+                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                let list = pool.idle.get_mut(endpoint)?;
+                loop {
+                    let idle = list.pop()?;
+                    if !idle.sender.is_closed() && idle.since.elapsed() < IDLE_TIMEOUT {
+                        break idle.sender;
+                    }
+                }
+            };
+            let mut sender = candidate;
+            // Ready at once unless the connection is finishing its last answer or closing.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn checkin(&self, endpoint: Endpoint, sender: SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(pool.swept) > SWEEP_EVERY {
+            pool.swept = now;
+            pool.idle.retain(|_, list| {
+                list.retain(|idle| {
+                    !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT
+                });
+                !list.is_empty()
+            });
+        }
+        pool.idle
+            .entry(endpoint)
+            .or_default()
+            .push(Idle { sender, since: now });
+    }
+
+    /// A new connection: the guard's addresses only, then TLS for `https`.
+    async fn connect(&self, endpoint: &Endpoint) -> Result<SendRequest<Full<Bytes>>, HttpError> {
+        let addresses = match &endpoint.host {
+            url::Host::Domain(name) => guard::resolve(name, endpoint.port, self.policy)
+                .await
+                .map_err(|err| match err {
+                    GuardError::Refused(refused) => HttpError::Refused(refused),
+                    GuardError::Unresolved => HttpError::Unresolved,
+                })?,
+            url::Host::Ipv4(ip) => vec![guard::allowed(
+                SocketAddr::new((*ip).into(), endpoint.port),
+                self.policy,
+            )?],
+            url::Host::Ipv6(ip) => vec![guard::allowed(
+                SocketAddr::new((*ip).into(), endpoint.port),
+                self.policy,
+            )?],
+        };
+        let tcp = dial(&addresses).await?;
+        // No Nagle delay: a request is written whole and waits for nothing.
+        let _ = tcp.set_nodelay(true);
+        if !endpoint.https {
+            return start(tcp).await;
+        }
+        let tls = self
+            .tls
+            .get_or_init(tls_connector)
+            .clone()
+            .map_err(HttpError::Tls)?;
+        let name = match &endpoint.host {
+            url::Host::Domain(name) => rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| HttpError::Refused(EndpointRefused::BadUrl))?,
+            url::Host::Ipv4(ip) => rustls::pki_types::ServerName::from(std::net::IpAddr::from(*ip)),
+            url::Host::Ipv6(ip) => rustls::pki_types::ServerName::from(std::net::IpAddr::from(*ip)),
+        };
+        let stream = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|err| HttpError::Tls(err.to_string()))?;
+        start(stream).await
+    }
+}
+
+fn endpoint_of(url: &url::Url) -> Result<Endpoint, HttpError> {
+    let https = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        _ => return Err(HttpError::Refused(EndpointRefused::BadUrl)),
+    };
+    let host = url
+        .host()
+        .ok_or(HttpError::Refused(EndpointRefused::BadUrl))?
+        .to_owned();
+    let port = url
+        .port_or_known_default()
+        .ok_or(HttpError::Refused(EndpointRefused::BadUrl))?;
+    Ok(Endpoint { https, host, port })
+}
+
+/// Dials the addresses in order; the first that answers wins.
+async fn dial(addresses: &[SocketAddr]) -> Result<TcpStream, HttpError> {
+    for address in addresses {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await
+        {
+            return Ok(stream);
+        }
+    }
+    Err(HttpError::Connect)
+}
+
+/// The HTTP/1.1 handshake on a connected stream; the connection is driven by a task of its
+/// own, which ends when the connection closes.
+async fn start<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, HttpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| HttpError::Connect)?;
+    tokio::spawn(async move {
+        // Its end (closed by either side, or failed) is seen by the sender.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// rustls (ring) against the system's root certificates, HTTP/1.1 by ALPN.
+fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if roots.is_empty() {
+        return Err("this system has no root certificates".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| err.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const LOOPBACK: EndpointPolicy = EndpointPolicy {
+        allow_loopback: true,
+        allow_private: false,
+    };
+
+    /// A server that answers every request on a connection with `answer`, counting the
+    /// connections it accepted.
+    async fn server(answer: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = socket.read(&mut buffer).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buffer[..n]);
+                        // One answer per complete request (headers end, then the body).
+                        while let Some(end) = request_end(&seen) {
+                            seen.drain(..end);
+                            if socket.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn request_end(seen: &[u8]) -> Option<usize> {
+        let head = seen.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let text = String::from_utf8_lossy(&seen[..head]).to_ascii_lowercase();
+        let length = text
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map_or(0, |n| n.trim().parse::<usize>().unwrap_or(0));
+        (seen.len() >= head + length).then_some(head + length)
+    }
+
+    async fn post(client: &HttpClient, addr: SocketAddr) -> Result<Reply, HttpError> {
+        let url = url::Url::parse(&format!("http://{addr}/v1/chat?x=1")).unwrap();
+        client
+            .send(
+                Method::POST,
+                &url,
+                HeaderMap::new(),
+                b"{}".to_vec(),
+                Duration::from_secs(5),
+                1024,
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_one_after_another() {
+        let (addr, accepted) = server(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}",
+        )
+        .await;
+        let client = HttpClient::new(LOOPBACK);
+        for _ in 0..3 {
+            let reply = post(&client, addr).await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(reply.body, b"{}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_not_reused() {
+        let (addr, accepted) =
+            server("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}").await;
+        let client = HttpClient::new(LOOPBACK);
+        for _ in 0..2 {
+            assert_eq!(post(&client, addr).await.unwrap().body, b"{}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_limit_are_refused() {
+        let (addr, _) = server("HTTP/1.1 200 OK\r\ncontent-length: 2000\r\n\r\n").await;
+        let client = HttpClient::new(LOOPBACK);
+        assert!(matches!(
+            post(&client, addr).await,
+            Err(HttpError::TooLarge(1024))
+        ));
+    }
+
+    #[tokio::test]
+    async fn loopback_is_refused_unless_allowed_and_never_dialled() {
+        let (addr, accepted) = server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        let strict = HttpClient::new(EndpointPolicy::default());
+        assert!(matches!(
+            post(&strict, addr).await,
+            Err(HttpError::Refused(EndpointRefused::Loopback(_)))
+        ));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let (_socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = HttpClient::new(LOOPBACK);
+        let url = url::Url::parse(&format!("http://{addr}/")).unwrap();
+        let sent = client
+            .send(
+                Method::GET,
+                &url,
+                HeaderMap::new(),
+                Vec::new(),
+                Duration::from_millis(200),
+                1024,
+            )
+            .await;
+        assert!(matches!(sent, Err(HttpError::Timeout)));
+    }
+}
