@@ -318,6 +318,10 @@ where
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    connector_with(roots)
+}
+
+fn connector_with(roots: rustls::RootCertStore) -> Result<tokio_rustls::TlsConnector, String> {
     if roots.is_empty() {
         return Err("this system has no root certificates".into());
     }
@@ -445,6 +449,108 @@ mod tests {
             Err(HttpError::Refused(EndpointRefused::Loopback(_)))
         ));
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    /// A throwaway certificate for `localhost` (the `openssl` CLI) and a TLS server with it
+    /// that answers one request with 200 and `{}`.
+    async fn tls_server() -> (SocketAddr, rustls::pki_types::CertificateDer<'static>) {
+        use rustls::pki_types::pem::PemObject as _;
+        let dir = std::env::temp_dir().join(format!("cw-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl, to make a test certificate");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let cert = rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    let mut seen = Vec::new();
+                    while request_end(&seen).is_none() {
+                        match tls.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                        .await;
+                    let _ = tls.flush().await;
+                });
+            }
+        });
+        (addr, cert)
+    }
+
+    #[tokio::test]
+    async fn tls_is_verified_against_the_roots() {
+        crate::install_crypto_provider();
+        let (addr, cert) = tls_server().await;
+        let url = url::Url::parse(&format!("https://localhost:{}/v1", addr.port())).unwrap();
+        let ask = |client: HttpClient| {
+            let url = url.clone();
+            async move {
+                client
+                    .send(
+                        Method::POST,
+                        &url,
+                        HeaderMap::new(),
+                        b"{}".to_vec(),
+                        Duration::from_secs(5),
+                        1024,
+                    )
+                    .await
+            }
+        };
+        // The system's roots do not know this certificate: no session, nothing sent.
+        assert!(matches!(
+            ask(HttpClient::new(LOOPBACK)).await,
+            Err(HttpError::Tls(_))
+        ));
+        // With its issuer trusted, the same server answers over TLS.
+        let trusting = HttpClient::new(LOOPBACK);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let _ = trusting.tls.set(connector_with(roots));
+        let reply = ask(trusting).await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, b"{}");
     }
 
     #[tokio::test]
