@@ -324,6 +324,23 @@ mod tests {
             .batch_execute("ANALYZE processed_events")
             .await
             .unwrap();
+        // The keys the hot path looks up compare as bytes (V9), and the lookups below still
+        // use their indexes: a column's collation wins over the parameters' default one.
+        let collations: Vec<(String, String)> = client
+            .query(
+                "SELECT table_name::text || '.' || column_name::text, \
+                 coalesce(collation_name::text, '') FROM information_schema.columns \
+                 WHERE table_name IN ('processed_events', 'event_claims') \
+                 AND column_name IN ('event_id', 'worker', 'org_id', 'ticket_id')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(collations.len(), 6, "{collations:?}");
+        assert!(collations.iter().all(|(_, c)| c == "C"), "{collations:?}");
         drop(client);
         let large = hot_planning(&url).await;
         let (admin, connection) = tokio_postgres::connect(
