@@ -99,9 +99,10 @@ pub async fn run(
         settings.ledger_retention_days,
         background.clone(),
     ));
+    let claims = crate::pipeline::claim::HeldClaims::default();
     tokio::spawn(crate::pipeline::claim::renew_claims(
         store.clone(),
-        instance.clone(),
+        claims.clone(),
         background.clone(),
     ));
     let provider = ProviderClient::new(settings.endpoint_policy)?;
@@ -130,6 +131,7 @@ pub async fn run(
         provider_timeout: settings.provider_timeout,
         gates: Default::default(),
         instance: instance.clone(),
+        claims,
         abandon: abandon.clone(),
     });
 

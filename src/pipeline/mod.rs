@@ -57,6 +57,8 @@ pub struct Pipeline {
     pub gates: gate::OrgGates,
     /// Identifies this process in event claims.
     pub instance: String,
+    /// The claims this process holds, for their renewal.
+    pub claims: claim::HeldClaims,
     /// Fires when the shutdown grace period is over: waits give up and leave the delivery
     /// unacked, so the broker hands it to another consumer.
     pub abandon: CancellationToken,

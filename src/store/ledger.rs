@@ -364,32 +364,37 @@ impl Store {
         Ok(!rows.is_empty())
     }
 
-    /// Extends to `lease` the claims held by this process (holder ids `<instance>-<n>`) that
-    /// expire within `due_within`; younger ones still have most of their lease (most calls
-    /// end before they are due, and a round then costs nothing for them). Rows locked right
-    /// now (being recorded, released or taken over) are skipped rather than waited for:
-    /// waiting on them, in whatever order the scan meets them, deadlocked with batched
+    /// Extends to `lease` these claims, each only while its holder still holds it, and returns
+    /// the holders renewed. Rows locked right now (being recorded, released or taken over)
+    /// are skipped rather than waited for: waiting on them deadlocked with batched
     /// recordings; a skipped claim is renewed next round, well within its lease.
     pub async fn renew_claims(
         &self,
-        instance: &str,
+        claims: &[(String, String, String)],
         lease: std::time::Duration,
-        due_within: std::time::Duration,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
-        let pattern = format!("{instance}-%");
-        Ok(client
-            .execute(
-                "UPDATE event_claims SET expires_at = now() + make_interval(secs => $2) \
-                 WHERE (event_id, worker) IN (SELECT c.event_id, c.worker FROM event_claims c \
-                   WHERE c.holder LIKE $1 \
-                   AND c.expires_at < now() + make_interval(secs => $3) \
-                   AND NOT EXISTS (SELECT 1 FROM processed_events p \
-                     WHERE p.event_id = c.event_id AND p.worker = c.worker) \
-                   FOR UPDATE OF c SKIP LOCKED)",
-                &[&pattern, &lease.as_secs_f64(), &due_within.as_secs_f64()],
+        let column = |pick: fn(&(String, String, String)) -> &str| -> Vec<&str> {
+            claims.iter().map(pick).collect()
+        };
+        let rows = client
+            .query(
+                "UPDATE event_claims SET expires_at = now() + make_interval(secs => $4) \
+                 WHERE (event_id, worker) IN (SELECT c.event_id, c.worker \
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS u(event_id, worker, holder) \
+                   JOIN event_claims c ON c.event_id = u.event_id AND c.worker = u.worker \
+                     AND c.holder = u.holder \
+                   FOR UPDATE OF c SKIP LOCKED) \
+                 RETURNING holder",
+                &[
+                    &column(|c| &c.0),
+                    &column(|c| &c.1),
+                    &column(|c| &c.2),
+                    &lease.as_secs_f64(),
+                ],
             )
-            .await?)
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// Deletes up to `batch` ledger rows of `org_id` older than `keep_days`, adding their

@@ -585,24 +585,30 @@ async fn the_batched_ledger_keeps_first_results_and_single_claims() {
     let next = ledger.begin_run(new_event("late-1")).await.unwrap();
     assert!(next.decided.is_none() && next.claimed);
     assert_eq!(next.last_completed_hash.as_deref(), Some("hash_7"));
-    // Claims of recorded events are no longer renewed; the open run's claim is.
+    // A claim is renewed only while its holder holds it.
     let lease = Duration::from_secs(15);
+    let held = |holder: &str| {
+        vec![(
+            format!("evt_{org}_new"),
+            "summarize".to_owned(),
+            holder.to_owned(),
+        )]
+    };
     assert_eq!(
-        h.store.renew_claims("first", lease, lease).await.unwrap(),
-        0
+        h.store.renew_claims(&held("late-1"), lease).await.unwrap(),
+        vec!["late-1".to_owned()]
     );
-    // A claim with most of its lease left is not due yet.
-    assert_eq!(
+    assert!(
         h.store
-            .renew_claims("late", lease, Duration::from_secs(10))
+            .renew_claims(&held("other-1"), lease)
             .await
-            .unwrap(),
-        0
+            .unwrap()
+            .is_empty(),
+        "another holder's claim is not touched"
     );
-    assert_eq!(h.store.renew_claims("late", lease, lease).await.unwrap(), 1);
     // A lapsed claim is purged, and then another holder may take the event.
     h.store
-        .renew_claims("late", Duration::ZERO, lease)
+        .renew_claims(&held("late-1"), Duration::ZERO)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
