@@ -94,6 +94,10 @@ pub async fn run(
     // Stops the config listener however this function returns.
     let _background_guard = background.clone().drop_guard();
     tokio::spawn(report_config_health(store.clone(), background.clone()));
+    tokio::spawn(telemetry::keep_metrics_upkept(
+        metrics.clone(),
+        background.clone(),
+    ));
     tokio::spawn(crate::store::retention::keep_pruning(
         store.clone(),
         settings.ledger_retention_days,
