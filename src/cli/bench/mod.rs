@@ -79,10 +79,18 @@ pub struct Row {
 }
 
 pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
-    let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
     let bench = phases::Bench::prepare(&settings, args.ledger_rows)
         .await
         .context("bench setup")?;
+    let measured = measure_all(&bench, &args).await;
+    // Whether the phases succeeded or not: a failed phase must not leave its queues behind
+    // (one left 80,000 events in a queue nobody consumes).
+    bench.cleanup().await;
+    measured
+}
+
+async fn measure_all(bench: &phases::Bench, args: &BenchArgs) -> anyhow::Result<()> {
+    let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
     let mut rows = Vec::new();
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
@@ -157,7 +165,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, &table).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("table written to {}", path.display());
     }
-    bench.cleanup().await;
     Ok(())
 }
 

@@ -417,6 +417,11 @@ impl Bench {
             if get(&http, port, "/readyz").await.is_ok() {
                 break spawned.elapsed().as_secs_f64() * 1000.0;
             }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "{phase}: the worker exited before it was ready ({status}); its error is above"
+                );
+            }
             if spawned.elapsed() > Duration::from_secs(30) {
                 bail!("{phase}: the worker did not become ready");
             }
