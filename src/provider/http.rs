@@ -28,8 +28,10 @@ use tokio::net::TcpStream;
 use super::guard::{self, EndpointRefused, GuardError};
 use crate::config::EndpointPolicy;
 
-/// How long dialling one address may take.
+/// How long connecting may take, all of a name's addresses together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one address is tried alone before the next is tried beside it.
+const HEAD_START: Duration = Duration::from_millis(250);
 /// An idle connection unused for this long is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often, at most, idle connections past their time are swept out of the pool.
@@ -285,16 +287,41 @@ fn endpoint_of(url: &url::Url) -> Result<Endpoint, HttpError> {
     Ok(Endpoint { https, host, port })
 }
 
-/// Dials the addresses in order; the first that answers wins.
+/// Dials the addresses in the resolver's order, each with a head start of `HEAD_START` over
+/// the next, and keeps the first that connects (the others are dropped): an address that
+/// never answers (an unroutable IPv6 address, say) delays the call by the head start, not
+/// by the connect timeout.
 async fn dial(addresses: &[SocketAddr]) -> Result<TcpStream, HttpError> {
-    for address in addresses {
-        if let Ok(Ok(stream)) =
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await
-        {
-            return Ok(stream);
+    use futures_util::StreamExt as _;
+    if addresses.is_empty() {
+        return Err(HttpError::Connect);
+    }
+    let mut waiting = addresses.iter();
+    let mut attempts = futures_util::stream::FuturesUnordered::new();
+    let deadline = tokio::time::sleep(CONNECT_TIMEOUT);
+    tokio::pin!(deadline);
+    if let Some(address) = waiting.next() {
+        attempts.push(TcpStream::connect(*address));
+    }
+    loop {
+        tokio::select! {
+            Some(attempt) = attempts.next() => match attempt {
+                Ok(stream) => return Ok(stream),
+                Err(_) => match waiting.next() {
+                    Some(address) => attempts.push(TcpStream::connect(*address)),
+                    None if attempts.is_empty() => return Err(HttpError::Connect),
+                    None => {}
+                },
+            },
+            () = tokio::time::sleep(HEAD_START), if waiting.len() > 0 => {
+                if let Some(address) = waiting.next() {
+                    attempts.push(TcpStream::connect(*address));
+                }
+            }
+            () = &mut deadline => return Err(HttpError::Connect),
+            else => return Err(HttpError::Connect),
         }
     }
-    Err(HttpError::Connect)
 }
 
 /// The HTTP/1.1 handshake on a connected stream; the connection is driven by a task of its
@@ -551,6 +578,37 @@ mod tests {
         let reply = ask(trusting).await.unwrap();
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.body, b"{}");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_does_not_hold_up_the_next() {
+        // A listener that never accepts, its queue full: Linux drops further SYNs, so a
+        // connection to it hangs (retransmitting) instead of failing.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = socket.listen(0).unwrap();
+        let hanging = full.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let attempt = TcpStream::connect(hanging);
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), attempt).await
+            {
+                held.push(stream);
+            }
+        }
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let started = Instant::now();
+        let stream = tokio::time::timeout(
+            Duration::from_secs(3),
+            dial(&[hanging, good.local_addr().unwrap()]),
+        )
+        .await
+        .expect("the second address is tried after the head start")
+        .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good.local_addr().unwrap());
+        assert!(started.elapsed() >= HEAD_START);
+        let none = tokio::time::timeout(Duration::from_secs(1), dial(&[])).await;
+        assert!(matches!(none, Ok(Err(HttpError::Connect))));
     }
 
     #[tokio::test]
