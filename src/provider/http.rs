@@ -13,7 +13,7 @@
 //! per body), which took ≈10 % of the worker's CPU at saturation (BENCHMARKS.md).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -68,8 +68,15 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Endpoint {
     https: bool,
-    host: url::Host<String>,
+    host: Host,
     port: u16,
+}
+
+/// A URL's host: a name to resolve, or a literal address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Host {
+    Name(String),
+    Address(IpAddr),
 }
 
 struct Idle {
@@ -231,18 +238,14 @@ impl HttpClient {
     /// A new connection: the guard's addresses only, then TLS for `https`.
     async fn connect(&self, endpoint: &Endpoint) -> Result<SendRequest<Full<Bytes>>, HttpError> {
         let addresses = match &endpoint.host {
-            url::Host::Domain(name) => guard::resolve(name, endpoint.port, self.policy)
+            Host::Name(name) => guard::resolve(name, endpoint.port, self.policy)
                 .await
                 .map_err(|err| match err {
                     GuardError::Refused(refused) => HttpError::Refused(refused),
                     GuardError::Unresolved => HttpError::Unresolved,
                 })?,
-            url::Host::Ipv4(ip) => vec![guard::allowed(
-                SocketAddr::new((*ip).into(), endpoint.port),
-                self.policy,
-            )?],
-            url::Host::Ipv6(ip) => vec![guard::allowed(
-                SocketAddr::new((*ip).into(), endpoint.port),
+            Host::Address(ip) => vec![guard::allowed(
+                SocketAddr::new(*ip, endpoint.port),
                 self.policy,
             )?],
         };
@@ -258,10 +261,9 @@ impl HttpClient {
             .clone()
             .map_err(HttpError::Tls)?;
         let name = match &endpoint.host {
-            url::Host::Domain(name) => rustls::pki_types::ServerName::try_from(name.clone())
+            Host::Name(name) => rustls::pki_types::ServerName::try_from(name.clone())
                 .map_err(|_| HttpError::Refused(EndpointRefused::BadUrl))?,
-            url::Host::Ipv4(ip) => rustls::pki_types::ServerName::from(std::net::IpAddr::from(*ip)),
-            url::Host::Ipv6(ip) => rustls::pki_types::ServerName::from(std::net::IpAddr::from(*ip)),
+            Host::Address(ip) => rustls::pki_types::ServerName::from(*ip),
         };
         let stream = tls
             .connect(name, tcp)
@@ -277,10 +279,12 @@ fn endpoint_of(url: &url::Url) -> Result<Endpoint, HttpError> {
         "http" => false,
         _ => return Err(HttpError::Refused(EndpointRefused::BadUrl)),
     };
-    let host = url
-        .host()
-        .ok_or(HttpError::Refused(EndpointRefused::BadUrl))?
-        .to_owned();
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) => Host::Name(name.to_owned()),
+        Some(url::Host::Ipv4(ip)) => Host::Address(ip.into()),
+        Some(url::Host::Ipv6(ip)) => Host::Address(ip.into()),
+        None => return Err(HttpError::Refused(EndpointRefused::BadUrl)),
+    };
     let port = url
         .port_or_known_default()
         .ok_or(HttpError::Refused(EndpointRefused::BadUrl))?;
@@ -293,16 +297,14 @@ fn endpoint_of(url: &url::Url) -> Result<Endpoint, HttpError> {
 /// by the connect timeout.
 async fn dial(addresses: &[SocketAddr]) -> Result<TcpStream, HttpError> {
     use futures_util::StreamExt as _;
-    if addresses.is_empty() {
-        return Err(HttpError::Connect);
-    }
     let mut waiting = addresses.iter();
+    let Some(first) = waiting.next() else {
+        return Err(HttpError::Connect);
+    };
     let mut attempts = futures_util::stream::FuturesUnordered::new();
+    attempts.push(TcpStream::connect(*first));
     let deadline = tokio::time::sleep(CONNECT_TIMEOUT);
     tokio::pin!(deadline);
-    if let Some(address) = waiting.next() {
-        attempts.push(TcpStream::connect(*address));
-    }
     loop {
         tokio::select! {
             Some(attempt) = attempts.next() => match attempt {
@@ -319,7 +321,6 @@ async fn dial(addresses: &[SocketAddr]) -> Result<TcpStream, HttpError> {
                 }
             }
             () = &mut deadline => return Err(HttpError::Connect),
-            else => return Err(HttpError::Connect),
         }
     }
 }
@@ -343,21 +344,14 @@ where
 
 /// rustls (ring) against the system's root certificates, HTTP/1.1 by ALPN.
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    connector_with(roots)
+    connector_with(crate::system_roots())
 }
 
 fn connector_with(roots: rustls::RootCertStore) -> Result<tokio_rustls::TlsConnector, String> {
     if roots.is_empty() {
         return Err("this system has no root certificates".into());
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| err.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = crate::verifying_tls(roots).map_err(|err| err.to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
@@ -419,10 +413,15 @@ mod tests {
 
     async fn post(client: &HttpClient, addr: SocketAddr) -> Result<Reply, HttpError> {
         let url = url::Url::parse(&format!("http://{addr}/v1/chat?x=1")).unwrap();
+        post_to(client, &url).await
+    }
+
+    /// POSTs `{}` to `url`, at most 1024 bytes of answer within 5 s.
+    async fn post_to(client: &HttpClient, url: &url::Url) -> Result<Reply, HttpError> {
         client
             .send(
                 Method::POST,
-                &url,
+                url,
                 HeaderMap::new(),
                 b"{}".to_vec(),
                 Duration::from_secs(5),
@@ -550,24 +549,9 @@ mod tests {
         crate::install_crypto_provider();
         let (addr, cert) = tls_server().await;
         let url = url::Url::parse(&format!("https://localhost:{}/v1", addr.port())).unwrap();
-        let ask = |client: HttpClient| {
-            let url = url.clone();
-            async move {
-                client
-                    .send(
-                        Method::POST,
-                        &url,
-                        HeaderMap::new(),
-                        b"{}".to_vec(),
-                        Duration::from_secs(5),
-                        1024,
-                    )
-                    .await
-            }
-        };
         // The system's roots do not know this certificate: no session, nothing sent.
         assert!(matches!(
-            ask(HttpClient::new(LOOPBACK)).await,
+            post_to(&HttpClient::new(LOOPBACK), &url).await,
             Err(HttpError::Tls(_))
         ));
         // With its issuer trusted, the same server answers over TLS.
@@ -575,7 +559,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
         let _ = trusting.tls.set(connector_with(roots));
-        let reply = ask(trusting).await.unwrap();
+        let reply = post_to(&trusting, &url).await.unwrap();
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.body, b"{}");
     }

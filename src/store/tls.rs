@@ -8,7 +8,6 @@
 //! TLS failure, and an unverified TLS session protects nothing against the attacker it is for.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig};
 use futures_util::StreamExt as _;
@@ -142,8 +141,7 @@ fn libpq_extras(database_url: &str) -> Result<(String, Option<PathBuf>), StoreEr
 
 /// A TLS connector that verifies the server against the system's roots and `root_file`.
 fn verifying_connector(root_file: Option<PathBuf>) -> Result<MakeRustlsConnect, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let mut roots = crate::system_roots();
     if let Some(path) = &root_file {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -163,12 +161,7 @@ fn verifying_connector(root_file: Option<PathBuf>) -> Result<MakeRustlsConnect, 
                 .into(),
         ));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| StoreError::Url(err.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = crate::verifying_tls(roots).map_err(|err| StoreError::Url(err.to_string()))?;
     Ok(MakeRustlsConnect::new(config))
 }
 
