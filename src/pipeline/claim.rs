@@ -87,18 +87,17 @@ impl HeldClaims {
         Claim {
             store: store.clone(),
             held: self.clone(),
-            event_id: event_id.to_owned(),
-            worker: worker.to_owned(),
             holder,
         }
     }
 
-    /// How many claims this process holds.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -109,17 +108,19 @@ impl HeldClaims {
 pub(super) struct Claim {
     store: Store,
     held: HeldClaims,
-    event_id: String,
-    worker: String,
+    /// Its key in `held`, which holds the event and worker.
     holder: String,
 }
 
 impl Claim {
     /// Gives the claim up (the event is parked or deferred).
     pub async fn release(self) {
+        let Some(held) = self.held.lock().remove(&self.holder) else {
+            return;
+        };
         if let Err(err) = self
             .store
-            .release_claim(&self.event_id, &self.worker, &self.holder)
+            .release_claim(&held.event_id, &held.worker, &self.holder)
             .await
         {
             tracing::debug!(error = %err, "claim release failed; it lapses by itself");
