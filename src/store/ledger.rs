@@ -374,9 +374,6 @@ impl Store {
         lease: std::time::Duration,
     ) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
-        let column = |pick: fn(&(String, String, String)) -> &str| -> Vec<&str> {
-            claims.iter().map(pick).collect()
-        };
         let rows = client
             .query(
                 "UPDATE event_claims SET expires_at = now() + make_interval(secs => $4) \
@@ -387,9 +384,9 @@ impl Store {
                    FOR UPDATE OF c SKIP LOCKED) \
                  RETURNING holder",
                 &[
-                    &column(|c| &c.0),
-                    &column(|c| &c.1),
-                    &column(|c| &c.2),
+                    &texts(claims, |c| &c.0),
+                    &texts(claims, |c| &c.1),
+                    &texts(claims, |c| &c.2),
                     &lease.as_secs_f64(),
                 ],
             )
