@@ -3,6 +3,7 @@
 mod bench;
 pub mod demo;
 mod keys;
+mod ledger;
 mod migrate;
 mod org;
 mod publish;
@@ -36,6 +37,9 @@ pub enum Command {
     /// Manage master keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Maintain the idempotency ledger.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
     /// Publish a ticket event from a file, as a helpdesk would.
     Publish(publish::PublishArgs),
     /// The whole loop on this machine with a built-in fake provider; no API key needed.
@@ -90,6 +94,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => migrate::run(&settings).await,
         Command::Org(command) => org::run(&settings, command).await,
         Command::Keys(command) => keys::run(&settings, command).await,
+        Command::Ledger(command) => ledger::run(&settings, command).await,
         Command::Publish(args) => publish::run(&settings, args).await,
         Command::Demo(args) => demo::run(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,

@@ -396,7 +396,23 @@ async fn results_past_retention_are_pruned_and_their_usage_kept() {
     let before = h.store.usage("org_acme", "2000-01-01").await.unwrap();
     assert_eq!(before.len(), 4, "{before:?}");
 
-    assert_eq!(h.store.prune_ledger(90).await.unwrap(), 2);
+    // The first round is the operator's `ledger prune`, at the default 90 days.
+    let pruned = std::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
+        .args(["ledger", "prune"])
+        .env("COPILOT_DATABASE_URL", &h.settings.database_url)
+        .env_remove("COPILOT_LEDGER_RETENTION_DAYS")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&pruned.stdout);
+    assert!(
+        pruned.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert!(
+        said.contains("pruned 2 result(s) older than 90 days"),
+        "{said}"
+    );
     assert!(
         h.store
             .ledger_entry("evt_r1", "summarize")

@@ -1,0 +1,29 @@
+//! `copilot-workers ledger prune`: apply the retention period now instead of waiting for the
+//! workers' hourly round, say after lowering `COPILOT_LEDGER_RETENTION_DAYS` or with the
+//! workers stopped. Safe while workers run: rounds take disjoint rows.
+
+use crate::config::Settings;
+use crate::store::Store;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LedgerCommand {
+    /// Delete decided results older than the retention period (`--ledger-retention-days`),
+    /// their provider usage kept as daily totals for `org usage`.
+    Prune,
+}
+
+pub async fn run(settings: &Settings, command: LedgerCommand) -> anyhow::Result<()> {
+    match command {
+        LedgerCommand::Prune => {
+            let keep_days = settings.ledger_retention_days;
+            if keep_days == 0 {
+                println!("retention is 0 days (keep every result): nothing pruned");
+                return Ok(());
+            }
+            let store = Store::connect(&settings.database_url, 2)?;
+            let rows = store.prune_ledger(keep_days).await?;
+            println!("pruned {rows} result(s) older than {keep_days} days; their usage is kept");
+            Ok(())
+        }
+    }
+}
