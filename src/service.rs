@@ -110,6 +110,7 @@ pub async fn run(
         background.clone(),
     ));
     let provider = ProviderClient::new(settings.endpoint_policy)?;
+    tokio::spawn(provider.clone().keep_swept(background.clone()));
     let admin = match &settings.admin_token {
         Some(token) => {
             tracing::info!("admin API enabled under /v1");

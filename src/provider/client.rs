@@ -142,6 +142,12 @@ impl ProviderClient {
         })
     }
 
+    /// Closes connections left idle past their time, every 15 s until `stop` (see
+    /// [`HttpClient::keep_swept`]).
+    pub async fn keep_swept(self, stop: tokio_util::sync::CancellationToken) {
+        self.http.keep_swept(stop).await;
+    }
+
     pub fn policy(&self) -> EndpointPolicy {
         self.policy
     }

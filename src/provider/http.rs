@@ -24,6 +24,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::guard::{self, EndpointRefused, GuardError};
 use crate::config::EndpointPolicy;
@@ -34,7 +35,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEAD_START: Duration = Duration::from_millis(250);
 /// An idle connection unused for this long is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often, at most, idle connections past their time are swept out of the pool.
+/// How often idle connections past their time are swept out of the pool: on a checkin at
+/// most this often, and by [`HttpClient::keep_swept`] when no call checks one in.
 const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// Why an exchange failed. Carries no URL, header or body: nothing that could hold a key.
@@ -87,6 +89,25 @@ struct Idle {
 struct Pool {
     idle: HashMap<Endpoint, Vec<Idle>>,
     swept: Instant,
+}
+
+impl Pool {
+    /// Drops the idle connections that closed or outlived [`IDLE_TIMEOUT`] at `now`; a
+    /// connection's task ends, and its socket closes, once its sender is dropped. Returns how
+    /// many were dropped.
+    fn sweep(&mut self, now: Instant) -> usize {
+        self.swept = now;
+        let mut dropped = 0;
+        self.idle.retain(|_, list| {
+            let before = list.len();
+            list.retain(|idle| {
+                !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT
+            });
+            dropped += before - list.len();
+            !list.is_empty()
+        });
+        dropped
+    }
 }
 
 /// The shared client. Cheap to clone.
@@ -197,7 +218,7 @@ impl HttpClient {
     async fn checkout(&self, endpoint: &Endpoint) -> Option<SendRequest<Full<Bytes>>> {
         loop {
             let candidate = {
-                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                let mut pool = self.lock_pool();
                 let list = pool.idle.get_mut(endpoint)?;
                 loop {
                     let idle = list.pop()?;
@@ -219,20 +240,34 @@ impl HttpClient {
             return;
         }
         let now = Instant::now();
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = self.lock_pool();
         if now.duration_since(pool.swept) > SWEEP_EVERY {
-            pool.swept = now;
-            pool.idle.retain(|_, list| {
-                list.retain(|idle| {
-                    !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT
-                });
-                !list.is_empty()
-            });
+            pool.sweep(now);
         }
         pool.idle
             .entry(endpoint)
             .or_default()
             .push(Idle { sender, since: now });
+    }
+
+    /// Sweeps the pool every [`SWEEP_EVERY`] until `stop`. Without it, the connections left
+    /// idle after a burst (thousands, each with its buffers) stay open until the provider
+    /// closes them whenever calls stop altogether, since only a checkin sweeps.
+    pub async fn keep_swept(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(SWEEP_EVERY) => {}
+            }
+            let dropped = self.lock_pool().sweep(Instant::now());
+            if dropped > 0 {
+                tracing::debug!(dropped, "idle provider connections closed");
+            }
+        }
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A new connection: the guard's addresses only, then TLS for `https`.
@@ -443,6 +478,49 @@ mod tests {
             assert_eq!(reply.body, b"{}");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A sweep closes the connections idle past their time, and only those; the provider
+    /// sees its socket closed.
+    #[tokio::test]
+    async fn a_sweep_closes_connections_idle_too_long() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0u8; 4096];
+            let mut seen = Vec::new();
+            while request_end(&seen).is_none() {
+                let n = socket.read(&mut buffer).await.unwrap();
+                seen.extend_from_slice(&buffer[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await
+                .unwrap();
+            // The client now keeps the connection idle; a read of 0 bytes is its close.
+            let _ = closed_tx.send(socket.read(&mut buffer).await.map(|n| n == 0));
+        });
+        let client = HttpClient::new(LOOPBACK);
+        assert_eq!(post(&client, addr).await.unwrap().body, b"{}");
+        let idle = |client: &HttpClient| {
+            client
+                .lock_pool()
+                .idle
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        assert_eq!(idle(&client), 1);
+
+        let now = Instant::now();
+        assert_eq!(client.lock_pool().sweep(now), 0, "not idle long enough yet");
+        assert_eq!(idle(&client), 1);
+        assert_eq!(client.lock_pool().sweep(now + IDLE_TIMEOUT), 1);
+        assert_eq!(idle(&client), 0);
+        let closed = tokio::time::timeout(Duration::from_secs(5), closed).await;
+        assert!(matches!(closed, Ok(Ok(Ok(true)))), "{closed:?}");
     }
 
     #[tokio::test]
