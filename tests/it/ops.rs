@@ -116,6 +116,41 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
+/// The container image's HEALTHCHECK, run as Docker would run it (its exec form, as written
+/// in `ops/Dockerfile`) against a live service: healthy while it serves `/healthz`, unhealthy
+/// once it stopped. (Its first version ran under Debian's sh, which has no `/dev/tcp`, and
+/// so failed always.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_health_check_passes_while_the_service_runs() {
+    let dockerfile = std::fs::read_to_string("ops/Dockerfile").unwrap();
+    let exec = dockerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("HEALTHCHECK "))
+        .and_then(|rest| rest.split_once(" CMD "))
+        .map(|(_, exec)| exec)
+        .expect("a HEALTHCHECK ... CMD [...] line");
+    let words: Vec<String> = serde_json::from_str(exec).expect("the exec (JSON) form");
+    let h = Harness::start().await;
+    let port = h.http_addr.port().to_string();
+    let check = |words: &[String]| {
+        std::process::Command::new(&words[0])
+            .args(words[1..].iter().map(|word| word.replace("9464", &port)))
+            .output()
+            .unwrap()
+    };
+    let healthy = check(&words);
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    h.finish().await;
+    assert!(
+        !check(&words).status.success(),
+        "healthy with nothing listening"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_connection() {
     // A vhost of its own, so blocking reconnections here cannot disturb other tests.
