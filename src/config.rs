@@ -59,12 +59,13 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_MAX_EVENT_BYTES", global = true)]
     pub max_event_bytes: Option<usize>,
 
-    /// Directory of worker specs (`*.toml`). Default: `workers`, falling back to the built-in set.
+    /// Directory of worker specs (`*.toml`). Default: `workers`, or the set built into the
+    /// binary when there is no `workers` directory here.
     #[arg(long, env = "COPILOT_WORKERS_DIR", global = true)]
     pub workers_dir: Option<PathBuf>,
 
-    /// Directory of JSON Schemas the worker specs refer to. Default: `schemas`, falling back to
-    /// the built-in set.
+    /// Directory of JSON Schemas the worker specs refer to. Default: `schemas`, or the set
+    /// built into the binary when there is no `schemas` directory here.
     #[arg(long, env = "COPILOT_SCHEMAS_DIR", global = true)]
     pub schemas_dir: Option<PathBuf>,
 
@@ -240,8 +241,12 @@ impl SettingsArgs {
             prefetch,
             delivery_limit,
             max_event_bytes: args.max_event_bytes.unwrap_or(1024 * 1024),
-            workers_dir: args.workers_dir.unwrap_or_else(|| "workers".into()),
-            schemas_dir: args.schemas_dir.unwrap_or_else(|| "schemas".into()),
+            workers_dir: args
+                .workers_dir
+                .unwrap_or_else(|| crate::workers::DEFAULT_WORKERS_DIR.into()),
+            schemas_dir: args
+                .schemas_dir
+                .unwrap_or_else(|| crate::workers::DEFAULT_SCHEMAS_DIR.into()),
             endpoint_policy: EndpointPolicy {
                 allow_loopback: args.allow_loopback_providers.unwrap_or(false),
                 allow_private: args.allow_private_providers.unwrap_or(false),

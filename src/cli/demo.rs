@@ -79,7 +79,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         Err(_) => KeyRing::generate()?,
     });
     let catalog = Catalog::load(&settings.workers_dir, &settings.schemas_dir)
-        .context("the demo runs from the repository root, where workers/ and schemas/ are")?;
+        .context("cannot load the worker specs")?;
 
     println!(
         "▸ preparing database {} and topology prefix {:?}",

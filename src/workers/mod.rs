@@ -2,6 +2,7 @@
 //! types it reacts to, its prompt templates, its output JSON Schema (in `schemas/`) and its
 //! default model parameters. Adding a worker means adding files; the pipeline is generic.
 
+mod builtin;
 mod output;
 mod prompt;
 
@@ -145,32 +146,81 @@ pub struct Catalog {
     workers: Vec<Arc<Worker>>,
 }
 
+/// Where worker specs are read when no directory is configured.
+pub const DEFAULT_WORKERS_DIR: &str = "workers";
+/// Where output schemas are read when no directory is configured.
+pub const DEFAULT_SCHEMAS_DIR: &str = "schemas";
+
+/// Whether `dir` is the default one and absent: its files then come from the binary.
+fn built_in_instead(dir: &Path, default: &str) -> bool {
+    let absent = dir == Path::new(default) && !dir.exists();
+    if absent {
+        tracing::info!("no {default}/ directory here: using the {default} built into this binary");
+    }
+    absent
+}
+
+fn read_error(path: &Path, err: std::io::Error) -> WorkerError {
+    WorkerError::Read {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    }
+}
+
+/// Every `*.toml` of `dir`, as (path, text), in name order.
+fn read_specs(dir: &Path) -> Result<Vec<(String, String)>, WorkerError> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|err| read_error(dir, err))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).map_err(|err| read_error(&path, err))?;
+            Ok((path.display().to_string(), text))
+        })
+        .collect()
+}
+
 impl Catalog {
-    /// Loads every `*.toml` in `workers_dir`, resolving schemas against `schemas_dir`.
+    /// Loads every `*.toml` in `workers_dir`, resolving schemas against `schemas_dir`. Either
+    /// directory, when it is the default one and absent, is replaced by the set built into the
+    /// binary (`builtin.rs`); a directory named otherwise must exist.
     pub fn load(workers_dir: &Path, schemas_dir: &Path) -> Result<Catalog, WorkerError> {
-        let read_error = |path: &Path, err: std::io::Error| WorkerError::Read {
-            path: path.display().to_string(),
-            reason: err.to_string(),
+        let specs = if built_in_instead(workers_dir, DEFAULT_WORKERS_DIR) {
+            builtin::SPECS
+                .iter()
+                .map(|(path, text)| (format!("(built in) {path}"), (*text).to_owned()))
+                .collect()
+        } else {
+            read_specs(workers_dir)?
         };
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(workers_dir)
-            .map_err(|err| read_error(workers_dir, err))?
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
-            .collect();
-        paths.sort();
+        let schemas_built_in = built_in_instead(schemas_dir, DEFAULT_SCHEMAS_DIR);
         let mut workers = Vec::new();
         let mut names = BTreeSet::new();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(|err| read_error(&path, err))?;
-            let origin = path.display().to_string();
+        for (origin, text) in specs {
             let spec: WorkerSpec = toml::from_str(&text).map_err(|err| WorkerError::Invalid {
                 path: origin.clone(),
                 reason: err.to_string(),
             })?;
             let schema_path = schemas_dir.join(&spec.output_schema);
-            let schema_text = std::fs::read_to_string(&schema_path)
-                .map_err(|err| read_error(&schema_path, err))?;
+            let schema_text = if schemas_built_in {
+                builtin::schema(&spec.output_schema)
+                    .map(str::to_owned)
+                    .ok_or_else(|| WorkerError::Invalid {
+                        path: origin.clone(),
+                        reason: format!(
+                            "no built-in schema {} (set COPILOT_SCHEMAS_DIR)",
+                            spec.output_schema.display()
+                        ),
+                    })?
+            } else {
+                std::fs::read_to_string(&schema_path)
+                    .map_err(|err| read_error(&schema_path, err))?
+            };
             let schema: Value =
                 serde_json::from_str(&schema_text).map_err(|err| WorkerError::Invalid {
                     path: schema_path.display().to_string(),

@@ -1,5 +1,5 @@
 //! The five declarative workers, structured output, org context, trimming, unchanged content,
-//! usage accounting, and a worker added from files alone.
+//! usage accounting, a worker added from files alone, and the set built into the binary.
 
 use std::time::Duration;
 
@@ -485,4 +485,38 @@ prompt = "Give up to five keywords for this ticket.\n\n{{ ticket_text }}"
     assert_eq!(delivery.routing_key.as_str(), "ticket.enriched.keywords");
     h.finish().await;
     let _ = std::fs::remove_dir_all(root);
+}
+
+/// Run from a directory without `workers/` and `schemas/`, the binary uses the five workers
+/// built into it; a directory named explicitly must exist. (`run --workers` with an unknown
+/// name lists the loaded workers and exits before connecting to anything.)
+#[test]
+fn the_binary_run_elsewhere_uses_its_built_in_workers() {
+    let elsewhere = std::env::temp_dir().join(crate::support::unique("cw_elsewhere"));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
+            .args(args)
+            .current_dir(&elsewhere)
+            .env(
+                "COPILOT_MASTER_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            )
+            .env_remove("COPILOT_WORKERS_DIR")
+            .env_remove("COPILOT_SCHEMAS_DIR")
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let built_in = run(&["run", "--workers", "no_such_worker"]);
+    assert!(
+        built_in.contains("known: language, reply_draft, sentiment, summarize, triage"),
+        "{built_in}"
+    );
+    assert!(built_in.contains("built into this binary"), "{built_in}");
+    let named = run(&["run", "--workers-dir", "missing", "--workers", "summarize"]);
+    assert!(named.contains("cannot read missing"), "{named}");
+    std::fs::remove_dir_all(&elsewhere).unwrap();
 }
