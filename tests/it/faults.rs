@@ -26,7 +26,8 @@ async fn configure_orgs(h: &Harness, url: &str) {
     }
 }
 
-/// A provider that answers slowly enough for a fault to land mid-run.
+/// A provider that answers after `latency`, slowly enough for a fault (or a second delivery)
+/// to land mid-call.
 async fn steady_provider(latency: Duration) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -235,15 +236,7 @@ async fn a_chaos_provider_yields_exactly_one_result_per_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_provider_is_called_once_for_an_event_delivered_three_times() {
     let mut h = Harness::start().await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(completion(&summary_output("once")))
-                .set_delay(Duration::from_millis(300)),
-        )
-        .mount(&server)
-        .await;
+    let server = steady_provider(Duration::from_millis(300)).await;
     h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
         .await;
     let event = ticket_event("evt_thrice", "org_a", "ticket.created");
@@ -267,6 +260,34 @@ async fn the_provider_is_called_once_for_an_event_delivered_three_times() {
     h.publish(&event).await;
     let (_, again) = h.next_result(Duration::from_secs(20)).await.unwrap();
     assert_eq!(again.data, bodies[0]);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    h.finish().await;
+}
+
+/// A provider call that outlives the claim's lease: the claim is renewed while the call runs,
+/// so a second delivery of the event waits for the first one's result instead of taking the
+/// lapsed claim over and calling the provider again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_outliving_the_claim_lease_is_made_once() {
+    let lease = copilot_workers::pipeline::claim::CLAIM_LEASE;
+    let mut h = Harness::with(Options {
+        provider_timeout_secs: 60,
+        ..Options::default()
+    })
+    .await;
+    let server = steady_provider(lease + Duration::from_secs(6)).await;
+    h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
+        .await;
+    let event = ticket_event("evt_long_call", "org_a", "ticket.created");
+    h.publish(&event).await;
+    h.publish(&event).await;
+    let wait = lease + Duration::from_secs(30);
+    let (_, first) = h.next_result(wait).await.expect("the first result");
+    let (_, second) = h
+        .next_result(wait)
+        .await
+        .expect("the second delivery's result");
+    assert_eq!(first.data, second.data, "the recorded result, republished");
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
     h.finish().await;
 }
