@@ -26,6 +26,19 @@ async fn configure_orgs(h: &Harness, url: &str) {
     }
 }
 
+/// Configures `org` on `provider` with a concurrency cap.
+async fn set_capped_org(h: &Harness, org: &str, provider: &MockServer, cap: u32) {
+    let mut config = crate::support::org_config(
+        &h.keys,
+        org,
+        copilot_workers::provider::Profile::Openai,
+        &format!("{}/v1", provider.uri()),
+        Some(KEY),
+    );
+    config.max_concurrency = Some(cap);
+    h.set_config(config).await;
+}
+
 /// A provider that answers after `latency`, slowly enough for a fault (or a second delivery)
 /// to land mid-call.
 async fn steady_provider(latency: Duration) -> MockServer {
@@ -310,15 +323,7 @@ async fn a_hanging_provider_does_not_delay_other_orgs() {
         .mount(&hanging)
         .await;
     let healthy = provider_for(KEY, &summary_output("on time")).await;
-    let mut slow = crate::support::org_config(
-        &h.keys,
-        "org_slow",
-        copilot_workers::provider::Profile::Openai,
-        &format!("{}/v1", hanging.uri()),
-        Some(KEY),
-    );
-    slow.max_concurrency = Some(4);
-    h.set_config(slow).await;
+    set_capped_org(&h, "org_slow", &hanging, 4).await;
     h.set_org("org_fast", &format!("{}/v1", healthy.uri()), KEY)
         .await;
     for n in 0..150 {
@@ -359,6 +364,39 @@ async fn a_hanging_provider_does_not_delay_other_orgs() {
         .counter("copilot_events_parked_total{worker=\"summarize\",reason=\"org_busy\"}")
         .await;
     assert!(deferred > 0.0, "org_slow's excess was deferred, not held");
+    h.finish().await;
+}
+
+/// An event deferred to a delay queue (its org at its cap, with its waiting room full) is
+/// acked, waits out the queue's TTL in the broker, is dead-lettered back to its worker queue,
+/// and completes: the durable round trip that parked provider back-offs take too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
+    let mut h = Harness::start().await;
+    let server = steady_provider(Duration::from_secs(2)).await;
+    // One call in flight and one event waiting: a third is deferred.
+    set_capped_org(&h, "org_a", &server, 1).await;
+    let published = Instant::now();
+    h.publish_many("deferred", 3, &["org_a"]).await;
+    let mut last = Duration::ZERO;
+    for _ in 0..3 {
+        let (result, _) = h
+            .next_result(Duration::from_secs(20))
+            .await
+            .expect("every event completes");
+        assert!(result.is_completed(), "{result:?}");
+        last = published.elapsed();
+    }
+    let step = Duration::from_secs(copilot_workers::broker::topology::DELAY_STEPS_SECS[0]);
+    assert!(
+        last >= step,
+        "the last result came after {last:?}, before the delay queue's TTL"
+    );
+    let deferred = h
+        .counter("copilot_events_parked_total{worker=\"summarize\",reason=\"org_busy\"}")
+        .await;
+    assert_eq!(deferred, 1.0);
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
     h.finish().await;
 }
 
