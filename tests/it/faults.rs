@@ -400,6 +400,47 @@ async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
     h.finish().await;
 }
 
+/// A provider that keeps failing with transient errors: the event is tried exactly
+/// `max_attempts` times in process, then gets a failed result (`retries_exhausted`) and is
+/// dead-lettered with that reason, its original body intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
+    let mut h = Harness::start().await; // max_attempts: 3
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
+        .await;
+    let event = ticket_event("evt_exhausted", "org_a", "ticket.created");
+    h.publish(&event).await;
+    let (result, _) = h
+        .next_result(Duration::from_secs(20))
+        .await
+        .expect("a failed result");
+    assert!(!result.is_completed());
+    let error = result.data.error.as_ref().expect("an error");
+    assert_eq!(error.class, "retries_exhausted");
+    assert_eq!(result.data.attempts, 3);
+    let dead = h.wait_dead_letters(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        crate::support::header(&dead[0], "x-copilot-reason").as_deref(),
+        Some("retries_exhausted")
+    );
+    assert_eq!(dead[0].data, event.to_string().into_bytes());
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    let counted =
+        "copilot_events_dead_lettered_total{worker=\"summarize\",reason=\"retries_exhausted\"}";
+    h.eventually(
+        Duration::from_secs(20),
+        "the dead letter to be counted",
+        || async { h.counter(counted).await == 1.0 },
+    )
+    .await;
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() {
     let mut h = Harness::start().await;
