@@ -26,6 +26,16 @@ async fn configure_orgs(h: &Harness, url: &str) {
     }
 }
 
+/// A provider that answers every call with 503 (transient: retried, counted by the breaker).
+async fn unavailable_provider() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    server
+}
+
 /// Configures `org` on `provider` with a concurrency cap.
 async fn set_capped_org(h: &Harness, org: &str, provider: &MockServer, cap: u32) {
     let mut config = crate::support::org_config(
@@ -406,11 +416,7 @@ async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
     let mut h = Harness::start().await; // max_attempts: 3
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&server)
-        .await;
+    let server = unavailable_provider().await;
     h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
         .await;
     let event = ticket_event("evt_exhausted", "org_a", "ticket.created");
@@ -438,6 +444,46 @@ async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
         || async { h.counter(counted).await == 1.0 },
     )
     .await;
+    h.finish().await;
+}
+
+/// After five consecutive transient failures an org's breaker opens: its next events are
+/// deferred to a delay queue without a request, and another org is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_defers_an_orgs_events_without_calling_its_provider() {
+    let mut h = Harness::with(Options {
+        max_attempts: 1,
+        ..Options::default()
+    })
+    .await;
+    let down = unavailable_provider().await;
+    let up = provider_for(KEY, &summary_output("up")).await;
+    h.set_org("org_down", &format!("{}/v1", down.uri()), KEY)
+        .await;
+    h.set_org("org_up", &format!("{}/v1", up.uri()), KEY).await;
+    // One at a time, so that exactly five failures precede the rest.
+    for n in 0..5 {
+        h.publish(&ticket_event(
+            &format!("evt_down_{n}"),
+            "org_down",
+            "ticket.created",
+        ))
+        .await;
+        let (result, _) = h.next_result(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(result.data.error.unwrap().class, "retries_exhausted");
+    }
+    h.publish_many("down_later", 3, &["org_down"]).await;
+    h.publish(&ticket_event("evt_up", "org_up", "ticket.created"))
+        .await;
+    let (result, _) = h.next_result(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(result.data.org_id, "org_up");
+    assert!(result.is_completed());
+    let parked = "copilot_events_parked_total{worker=\"summarize\",reason=\"circuit_open\"}";
+    h.eventually(Duration::from_secs(20), "three deferred events", || async {
+        h.counter(parked).await == 3.0
+    })
+    .await;
+    assert_eq!(down.received_requests().await.unwrap().len(), 5);
     h.finish().await;
 }
 
