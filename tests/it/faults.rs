@@ -447,6 +447,51 @@ async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
     h.finish().await;
 }
 
+/// A provider asking for a wait longer than the in-process cap (20 s): the event is not held
+/// in a consumer slot but parked, acked, in the delay queue that covers the wait, carrying the
+/// attempts it already spent (so that attempts stay bounded across parks); no result yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_retry_after_parks_the_event_in_a_delay_queue() {
+    let mut h = Harness::start().await;
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "25"))
+        .mount(&server)
+        .await;
+    h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
+        .await;
+    h.publish(&ticket_event("evt_backoff", "org_a", "ticket.created"))
+        .await;
+    let delay_queue = h.topology.delay_queue("summarize", 30);
+    h.eventually(
+        Duration::from_secs(20),
+        "the event in the 30 s delay queue",
+        || async { h.queue_depth(&delay_queue).await == 1 },
+    )
+    .await;
+    let parked = "copilot_events_parked_total{worker=\"summarize\",reason=\"provider_backoff\"}";
+    assert_eq!(h.counter(parked).await, 1.0);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    assert_eq!(
+        h.queue_depth(&h.topology.worker_queue("summarize")).await,
+        0
+    );
+    assert!(h.next_result(Duration::from_millis(500)).await.is_none());
+    // The parked copy is the event itself, with the attempts it already spent.
+    let copies = h.take_all(&delay_queue).await;
+    assert_eq!(copies.len(), 1);
+    let event: serde_json::Value = serde_json::from_slice(&copies[0].data).unwrap();
+    assert_eq!(event["id"], "evt_backoff");
+    let headers = copies[0].properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers
+            .inner()
+            .get(copilot_workers::pipeline::ATTEMPTS_HEADER),
+        Some(&lapin::types::AMQPValue::LongLongInt(1))
+    );
+    h.finish().await;
+}
+
 /// After five consecutive transient failures an org's breaker opens: its next events are
 /// deferred to a delay queue without a request, and another org is served as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,13 +278,15 @@ impl Harness {
 
     /// Takes every message currently in the dead-letter queue.
     pub async fn dead_letters(&self) -> Vec<Delivery> {
+        self.take_all(&self.topology.dead_letter_queue()).await
+    }
+
+    /// Takes every message currently ready in `queue`.
+    pub async fn take_all(&self, queue: &str) -> Vec<Delivery> {
         let channel = self.connection.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(message) = channel
-            .basic_get(
-                self.topology.dead_letter_queue().into(),
-                BasicGetOptions { no_ack: true },
-            )
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
