@@ -207,6 +207,10 @@ impl SettingsArgs {
         if provider_max_attempts == 0 {
             problems.push("provider_max_attempts must be at least 1".to_owned());
         }
+        let max_event_bytes = args.max_event_bytes.unwrap_or(1024 * 1024);
+        if max_event_bytes == 0 {
+            problems.push("max_event_bytes must be at least 1".to_owned());
+        }
         let topology_prefix = args.topology_prefix.unwrap_or_default();
         let db_pool_size = args.db_pool_size.unwrap_or(4);
         if db_pool_size == 0 {
@@ -240,7 +244,7 @@ impl SettingsArgs {
             db_pool_size,
             prefetch,
             delivery_limit,
-            max_event_bytes: args.max_event_bytes.unwrap_or(1024 * 1024),
+            max_event_bytes,
             workers_dir: args
                 .workers_dir
                 .unwrap_or_else(|| crate::workers::DEFAULT_WORKERS_DIR.into()),
@@ -295,11 +299,13 @@ mod tests {
         let args = SettingsArgs {
             prefetch: Some(0),
             delivery_limit: Some(0),
+            max_event_bytes: Some(0),
             amqp_url: Some("http://nope".into()),
             ..Default::default()
         };
         let err = args.resolve().unwrap_err();
-        assert_eq!(err.problems.len(), 3, "{err}");
+        assert_eq!(err.problems.len(), 4, "{err}");
+        assert!(err.to_string().contains("max_event_bytes"), "{err}");
     }
 
     #[test]
