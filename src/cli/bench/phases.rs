@@ -403,12 +403,18 @@ impl Bench {
             )
             .env("COPILOT_WORKERS_DIR", &self.settings.workers_dir)
             .env("COPILOT_SCHEMAS_DIR", &self.settings.schemas_dir)
-            .env("RUST_LOG", "warn")
+            // The worker logs at its own default level (info, unless RUST_LOG says otherwise),
+            // as in production: its per-event span context costs CPU (BENCHMARKS.md). Its
+            // lines stay off the progress display; warnings and errors are passed on.
+            .stderr(std::process::Stdio::piped())
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start the worker child process")?;
         let pid = child.id().context("child has no pid")?;
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(pass_on_problems(stderr));
+        }
         let http = HttpClient::new(EndpointPolicy {
             allow_loopback: true,
             allow_private: false,
@@ -568,6 +574,18 @@ async fn get(http: &HttpClient, port: u16, path: &str) -> anyhow::Result<String>
         bail!("{path} answered {}", reply.status);
     }
     Ok(String::from_utf8_lossy(&reply.body).into_owned())
+}
+
+/// Prints the worker's warnings, errors and its last words (`error: …`), which tell why a
+/// phase failed; drops its info lines.
+async fn pass_on_problems(stderr: tokio::process::ChildStderr) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("WARN") || line.contains("ERROR") || line.starts_with("error") {
+            eprintln!("\n  worker: {line}");
+        }
+    }
 }
 
 /// The worker's command: this executable, or, for profiling, the same under the command
