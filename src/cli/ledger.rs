@@ -8,7 +8,7 @@ use crate::store::Store;
 #[derive(Debug, clap::Subcommand)]
 pub enum LedgerCommand {
     /// Delete decided results older than the retention period (`--ledger-retention-days`),
-    /// their provider usage kept as daily totals for `org usage`.
+    /// their provider usage kept as daily totals for `org usage`, and lapsed claims.
     Prune,
 }
 
@@ -16,13 +16,23 @@ pub async fn run(settings: &Settings, command: LedgerCommand) -> anyhow::Result<
     match command {
         LedgerCommand::Prune => {
             let keep_days = settings.ledger_retention_days;
-            if keep_days == 0 {
-                println!("retention is 0 days (keep every result): nothing pruned");
-                return Ok(());
-            }
             let store = Store::connect(&settings.database_url, 2)?;
-            let rows = store.prune_ledger(keep_days).await?;
-            println!("pruned {rows} result(s) older than {keep_days} days; their usage is kept");
+            let rows = match keep_days {
+                0 => None,
+                days => Some(store.prune_ledger(days).await?),
+            };
+            // Running workers purge these every few seconds; stopped ones leave them.
+            let claims = store.purge_lapsed_claims().await?;
+            match rows {
+                None => println!(
+                    "retention is 0 days (keep every result): no result pruned; \
+                     {claims} lapsed claim(s) removed"
+                ),
+                Some(rows) => println!(
+                    "pruned {rows} result(s) older than {keep_days} days (their usage is \
+                     kept) and {claims} lapsed claim(s)"
+                ),
+            }
             Ok(())
         }
     }

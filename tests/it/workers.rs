@@ -396,6 +396,15 @@ async fn results_past_retention_are_pruned_and_their_usage_kept() {
     let before = h.store.usage("org_acme", "2000-01-01").await.unwrap();
     assert_eq!(before.len(), 4, "{before:?}");
 
+    // A claim whose holder is gone, as a stopped worker leaves it.
+    sql.execute(
+        "INSERT INTO event_claims (event_id, worker, holder, expires_at) \
+         VALUES ('evt_gone', 'summarize', 'gone-1', now() - interval '1 minute')",
+        &[],
+    )
+    .await
+    .unwrap();
+
     // The first round is the operator's `ledger prune`, at the default 90 days.
     let pruned = std::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
         .args(["ledger", "prune"])
@@ -410,9 +419,18 @@ async fn results_past_retention_are_pruned_and_their_usage_kept() {
         String::from_utf8_lossy(&pruned.stderr)
     );
     assert!(
-        said.contains("pruned 2 result(s) older than 90 days"),
+        said.contains("pruned 2 result(s) older than 90 days") && said.contains("lapsed claim"),
         "{said}"
     );
+    let claims = sql
+        .query_one(
+            "SELECT count(*) FROM event_claims WHERE event_id = 'evt_gone'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(claims, 0, "the lapsed claim is gone");
     assert!(
         h.store
             .ledger_entry("evt_r1", "summarize")
