@@ -42,3 +42,15 @@ pub(crate) fn verifying_tls(
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+/// Sleeps for `period`; false, at once, when `stop` fires first. The pause of every background
+/// loop (upkeep rounds, reconnection waits) that must end with the service.
+pub(crate) async fn sleep_unless_stopped(
+    period: std::time::Duration,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(period) => true,
+    }
+}

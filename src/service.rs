@@ -247,9 +247,8 @@ async fn report_config_health(store: Store, stop: CancellationToken) {
             metrics::gauge!(telemetry::ORG_CONFIGS).set(total as f64);
             metrics::gauge!(telemetry::ORG_CONFIGS_UNHEALTHY).set(unhealthy as f64);
         }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        if !crate::sleep_unless_stopped(std::time::Duration::from_secs(30), &stop).await {
+            return;
         }
     }
 }

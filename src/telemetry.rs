@@ -175,11 +175,8 @@ const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// `stop`. The recorder keeps every sample until then, or until a scrape renders them: a
 /// worker nobody scrapes would otherwise hold about 50 bytes more per event, forever.
 pub async fn keep_metrics_upkept(handle: PrometheusHandle, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
-        }
+    while crate::sleep_unless_stopped(UPKEEP_EVERY, &stop).await {
+        handle.run_upkeep();
     }
 }
 

@@ -61,9 +61,8 @@ impl Consumer {
                     tracing::warn!(queue = %self.queue, error = %err, "cannot attach consumer; retrying");
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !crate::sleep_unless_stopped(Duration::from_secs(1), &shutdown).await {
+                return;
             }
         }
     }

@@ -144,11 +144,7 @@ pub async fn renew_claims(
     held: HeldClaims,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(RENEW_EVERY) => {}
-        }
+    while crate::sleep_unless_stopped(RENEW_EVERY, &stop).await {
         let now = Instant::now();
         let due = held.due(now);
         if !due.is_empty() {

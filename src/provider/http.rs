@@ -254,11 +254,7 @@ impl HttpClient {
     /// idle after a burst (thousands, each with its buffers) stay open until the provider
     /// closes them whenever calls stop altogether, since only a checkin sweeps.
     pub async fn keep_swept(self, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(SWEEP_EVERY) => {}
-            }
+        while crate::sleep_unless_stopped(SWEEP_EVERY, &stop).await {
             let dropped = self.lock_pool().sweep(Instant::now());
             if dropped > 0 {
                 tracing::debug!(dropped, "idle provider connections closed");

@@ -128,9 +128,8 @@ async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
             Err(err) => tracing::warn!(error = %err, "config listener cannot connect"),
         }
         let wait = waits.next().unwrap_or(Duration::from_secs(5));
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+        if !crate::sleep_unless_stopped(wait, &shutdown).await {
+            return;
         }
     }
 }

@@ -41,11 +41,7 @@ pub async fn keep_pruning(store: Store, keep_days: u32, stop: CancellationToken)
         return;
     }
     let mut wait = FIRST_AFTER;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
+    while crate::sleep_unless_stopped(wait, &stop).await {
         wait = EVERY;
         let pruning = store.prune_ledger(keep_days);
         let outcome = tokio::select! {
