@@ -17,22 +17,15 @@ pub async fn run(settings: &Settings, command: LedgerCommand) -> anyhow::Result<
         LedgerCommand::Prune => {
             let keep_days = settings.ledger_retention_days;
             let store = Store::connect(&settings.database_url, 2)?;
-            let rows = match keep_days {
-                0 => None,
-                days => Some(store.prune_ledger(days).await?),
+            let results = if keep_days == 0 {
+                "retention is 0 days (keep every result): no result pruned".to_owned()
+            } else {
+                let rows = store.prune_ledger(keep_days).await?;
+                format!("pruned {rows} result(s) older than {keep_days} days (their usage is kept)")
             };
             // Running workers purge these every few seconds; stopped ones leave them.
             let claims = store.purge_lapsed_claims().await?;
-            match rows {
-                None => println!(
-                    "retention is 0 days (keep every result): no result pruned; \
-                     {claims} lapsed claim(s) removed"
-                ),
-                Some(rows) => println!(
-                    "pruned {rows} result(s) older than {keep_days} days (their usage is \
-                     kept) and {claims} lapsed claim(s)"
-                ),
-            }
+            println!("{results}; {claims} lapsed claim(s) removed");
             Ok(())
         }
     }
