@@ -26,14 +26,19 @@ async fn configure_orgs(h: &Harness, url: &str) {
     }
 }
 
-/// A provider that answers every call with 503 (transient: retried, counted by the breaker).
-async fn unavailable_provider() -> MockServer {
+/// A provider that answers every call with `answer`.
+async fn provider_answering(answer: ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
+        .respond_with(answer)
         .mount(&server)
         .await;
     server
+}
+
+/// A provider that answers every call with 503 (transient: retried, counted by the breaker).
+async fn unavailable_provider() -> MockServer {
+    provider_answering(ResponseTemplate::new(503)).await
 }
 
 /// Configures `org` on `provider` with a concurrency cap.
@@ -52,16 +57,12 @@ async fn set_capped_org(h: &Harness, org: &str, provider: &MockServer, cap: u32)
 /// A provider that answers after `latency`, slowly enough for a fault (or a second delivery)
 /// to land mid-call.
 async fn steady_provider(latency: Duration) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(completion(&summary_output("steady")))
-                .set_delay(latency),
-        )
-        .mount(&server)
-        .await;
-    server
+    provider_answering(
+        ResponseTemplate::new(200)
+            .set_body_json(completion(&summary_output("steady")))
+            .set_delay(latency),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,15 +324,12 @@ async fn a_hanging_provider_does_not_delay_other_orgs() {
         ..Options::default()
     })
     .await;
-    let hanging = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(completion(&summary_output("late")))
-                .set_delay(Duration::from_secs(60)),
-        )
-        .mount(&hanging)
-        .await;
+    let hanging = provider_answering(
+        ResponseTemplate::new(200)
+            .set_body_json(completion(&summary_output("late")))
+            .set_delay(Duration::from_secs(60)),
+    )
+    .await;
     let healthy = provider_for(KEY, &summary_output("on time")).await;
     set_capped_org(&h, "org_slow", &hanging, 4).await;
     h.set_org("org_fast", &format!("{}/v1", healthy.uri()), KEY)
@@ -453,11 +451,8 @@ async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_retry_after_parks_the_event_in_a_delay_queue() {
     let mut h = Harness::start().await;
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "25"))
-        .mount(&server)
-        .await;
+    let server =
+        provider_answering(ResponseTemplate::new(429).insert_header("retry-after", "25")).await;
     h.set_org("org_a", &format!("{}/v1", server.uri()), KEY)
         .await;
     h.publish(&ticket_event("evt_backoff", "org_a", "ticket.created"))
