@@ -188,11 +188,14 @@ pub fn router(
         token_digest: digest(token.expose_secret().as_bytes()),
     });
     Router::new()
+        .route("/v1/orgs", get(list_configs))
         .route(
             "/v1/orgs/{org}/provider",
             get(get_config).put(put_config).delete(delete_config),
         )
         .route("/v1/orgs/{org}/provider/test", post(test_config))
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(no_such_method)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
 }
@@ -277,6 +280,95 @@ fn not_found(org: &str) -> Response {
     )
 }
 
+/// Answers a path the API does not have in the API's own error shape, not an empty 404.
+async fn no_such_route() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no_such_route",
+        "no such endpoint; see schemas/admin-api.openapi.yaml",
+        None,
+    )
+}
+
+/// Answers a method a path does not take; axum adds the `Allow` header.
+async fn no_such_method() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+        None,
+    )
+}
+
+/// Configs listed per page by default, and at most.
+const PAGE_DEFAULT: u32 = 100;
+const PAGE_MAX: u32 = 1000;
+
+/// The query of `GET /v1/orgs`: a page of `limit` configs after org id `after`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// One page of configs, ordered by org id; `next_after` is the `after` of the next page, or
+/// null on the last one.
+#[derive(Debug, Serialize)]
+struct ConfigPage {
+    orgs: Vec<ConfigView>,
+    next_after: Option<String>,
+}
+
+async fn list_configs(
+    State(state): State<Arc<AdminState>>,
+    query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(axum::extract::Query(query)) => query,
+        Err(rejection) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_query",
+                &format!(
+                    "{}; use ?after=ORG&limit=1..{PAGE_MAX}",
+                    rejection.body_text()
+                ),
+                None,
+            );
+        }
+    };
+    let limit = query.limit.unwrap_or(PAGE_DEFAULT);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        let problem = FieldProblem::new("limit", format!("must be 1..={PAGE_MAX}"));
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_query",
+            &problem.to_string(),
+            Some(&[problem]),
+        );
+    }
+    // One more than asked tells whether another page follows.
+    let fetched = state
+        .store
+        .provider_configs_page(query.after.as_deref(), i64::from(limit) + 1)
+        .await;
+    let mut configs = match fetched {
+        Ok(configs) => configs,
+        Err(err) => return unavailable(err),
+    };
+    let more = configs.len() > limit as usize;
+    configs.truncate(limit as usize);
+    let next_after = more
+        .then(|| configs.last().map(|config| config.org_id.clone()))
+        .flatten();
+    let orgs = configs
+        .iter()
+        .map(|config| ConfigView::new(config, &state.keys))
+        .collect();
+    axum::Json(ConfigPage { orgs, next_after }).into_response()
+}
+
 async fn get_config(State(state): State<Arc<AdminState>>, Path(org): Path<String>) -> Response {
     match state.store.provider_config(&org).await {
         Ok(Some(config)) => axum::Json(ConfigView::new(&config, &state.keys)).into_response(),
@@ -308,7 +400,9 @@ async fn put_config(
         Ok(input) => input,
         Err(err) => {
             let path = err.path().to_string();
-            let field = if path == "." {
+            let field = if err.inner().is_syntax() || err.inner().is_eof() {
+                "body".to_owned()
+            } else if path == "." {
                 field_from_message(&err.inner().to_string())
             } else {
                 path

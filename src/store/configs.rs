@@ -163,6 +163,28 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` configs whose org id sorts after `after` (all when `None`), ordered by
+    /// org id: one page of the admin API's list.
+    pub async fn provider_configs_page(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ProviderConfig>, StoreError> {
+        let client = self.client().await?;
+        client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM provider_configs \
+                     WHERE $1::text IS NULL OR org_id > $1 ORDER BY org_id LIMIT $2"
+                ),
+                &[&after, &limit],
+            )
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
+    }
+
     /// Creates or replaces an org's config. A replaced config starts healthy again.
     pub async fn put_provider_config(&self, config: &ProviderConfig) -> Result<(), StoreError> {
         let client = self.client().await?;

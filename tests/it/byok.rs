@@ -402,13 +402,20 @@ async fn a_rejected_key_fails_the_event_and_marks_the_config_unhealthy() {
     h.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_api_authenticates_and_round_trips_configs() {
-    let h = Harness::with(Options {
-        admin_token: Some("admin-token-for-tests"),
+const ADMIN_TOKEN: &str = "admin-token-for-tests";
+
+/// A running service with the admin API on, under [`ADMIN_TOKEN`].
+async fn with_admin_api() -> Harness {
+    Harness::with(Options {
+        admin_token: Some(ADMIN_TOKEN),
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_authenticates_and_round_trips_configs() {
+    let h = with_admin_api().await;
     let provider = provider_for(KEY, &summary_output("api")).await;
     let base = format!("http://{}/v1/orgs/org_api/provider", h.http_addr);
     let client = reqwest::Client::new();
@@ -427,7 +434,7 @@ async fn the_admin_api_authenticates_and_round_trips_configs() {
 
     let put = client
         .put(&base)
-        .bearer_auth("admin-token-for-tests")
+        .bearer_auth(ADMIN_TOKEN)
         .json(&body)
         .send()
         .await
@@ -435,7 +442,7 @@ async fn the_admin_api_authenticates_and_round_trips_configs() {
     assert_eq!(put.status(), 201);
     let got = client
         .get(&base)
-        .bearer_auth("admin-token-for-tests")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -449,7 +456,7 @@ async fn the_admin_api_authenticates_and_round_trips_configs() {
 
     let tested = client
         .post(format!("{base}/test"))
-        .bearer_auth("admin-token-for-tests")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -481,7 +488,7 @@ async fn the_admin_api_authenticates_and_round_trips_configs() {
     ] {
         let response = client
             .put(&base)
-            .bearer_auth("admin-token-for-tests")
+            .bearer_auth(ADMIN_TOKEN)
             .json(&bad)
             .send()
             .await
@@ -492,28 +499,115 @@ async fn the_admin_api_authenticates_and_round_trips_configs() {
     }
     let not_json = client
         .put(&base)
-        .bearer_auth("admin-token-for-tests")
+        .bearer_auth(ADMIN_TOKEN)
         .header("content-type", "application/json")
         .body("{oops")
         .send()
         .await
         .unwrap();
     assert_eq!(not_json.status(), 422);
+    let error: Value = not_json.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "body", "{error}");
 
     let deleted = client
         .delete(&base)
-        .bearer_auth("admin-token-for-tests")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
     let gone = client
         .get(&base)
-        .bearer_auth("admin-token-for-tests")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
     assert_eq!(gone.status(), 404);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_lists_configs_by_page_and_answers_unknown_routes_in_json() {
+    let h = with_admin_api().await;
+    let client = reqwest::Client::new();
+    let api = format!("http://{}/v1", h.http_addr);
+    let get = |url: String| client.get(url).bearer_auth(ADMIN_TOKEN).send();
+    for org in ["org_c", "org_a", "org_b"] {
+        let body = json!({"provider": "openai", "base_url": "https://api.openai.com/v1",
+            "model": "gpt-4o-mini", "api_key": format!("{KEY}-{org}")});
+        let put = client
+            .put(format!("{api}/orgs/{org}/provider"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 201);
+    }
+    assert_eq!(
+        client
+            .get(format!("{api}/orgs"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    let first = get(format!("{api}/orgs?limit=2")).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let text = first.text().await.unwrap();
+    assert!(!text.contains(KEY), "a list never shows a key: {text}");
+    let page: Value = serde_json::from_str(&text).unwrap();
+    let ids = |page: &Value| -> Vec<String> {
+        page["orgs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|org| org["org_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&page), ["org_a", "org_b"], "ordered by org id");
+    assert_eq!(page["orgs"][0]["api_key"]["last4"], "…rg_a");
+    assert_eq!(page["next_after"], "org_b");
+    let last: Value = get(format!("{api}/orgs?limit=2&after=org_b"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&last), ["org_c"]);
+    assert_eq!(last["next_after"], Value::Null, "the last page says so");
+    let all: Value = get(format!("{api}/orgs"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&all), ["org_a", "org_b", "org_c"]);
+
+    for bad in ["limit=0", "limit=1001", "limit=ten", "colour=red"] {
+        let response = get(format!("{api}/orgs?{bad}")).await.unwrap();
+        assert_eq!(response.status(), 422, "{bad}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "invalid_query", "{bad}: {error}");
+    }
+
+    let unknown = get(format!("{api}/organisations")).await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let error: Value = unknown.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "no_such_route");
+    let wrong_method = client
+        .post(format!("{api}/orgs/org_a/provider"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let allow = wrong_method.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("PUT"), "{allow}");
+    let error: Value = wrong_method.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "method_not_allowed");
     h.finish().await;
 }
 

@@ -251,6 +251,7 @@ async fn the_api_key_appears_nowhere() {
     let mut responses = String::new();
     for request in [
         client.get(&api).bearer_auth("leak-test-admin-token"),
+        client.get(format!("http://127.0.0.1:{port}/v1/orgs")).bearer_auth("leak-test-admin-token"),
         client.post(format!("{api}/test")).bearer_auth("leak-test-admin-token"),
         client.put(&api).bearer_auth("leak-test-admin-token").json(&json!({"provider": "openai", "base_url": url, "model": "m", "params": {"temperature": KEY}})),
         client.put(&api).bearer_auth("leak-test-admin-token").json(&json!({"provider": "openai", "base_url": url, "model": KEY.len(), "api_key": KEY})),
