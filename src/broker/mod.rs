@@ -11,22 +11,22 @@ pub use link::Link;
 pub use publisher::{Outgoing, PublishError, Publisher};
 pub use topology::Topology;
 
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};
+
+/// Whether the broker answered that a named exchange or queue does not exist (404).
+pub fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
 
 /// Opens a connection that lapin recovers by itself (connection, channels, topology and
 /// consumers) after a network failure or a forced close.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     crate::install_crypto_provider();
-    // Recovery never gives up (lapin's default stops after 16 attempts): a broker that is down
-    // for an hour is reconnected to when it returns, every 5 s at most.
-    let reconnect = backon::ExponentialBuilder::default()
-        .with_min_delay(std::time::Duration::from_millis(200))
-        .with_max_delay(std::time::Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
     let properties = ConnectionProperties::default()
         .with_connection_name(name.into())
-        .with_backoff(reconnect)
+        .with_backoff(crate::provider::retry::broker_reconnect())
         .enable_auto_recover();
     let mut uri: lapin::uri::AMQPUri = url
         .parse()

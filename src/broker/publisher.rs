@@ -13,9 +13,12 @@ use std::sync::Arc;
 use tokio::sync::RwLock;
 
 use super::Link;
+use crate::provider::retry;
 
 /// Times one message is tried before the caller is told.
 const PUBLISH_ATTEMPTS: u32 = 8;
+/// The wait should the schedule ever end (it does not: `publish_backoff` is endless).
+const LONGEST_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -110,6 +113,7 @@ impl Publisher {
     pub async fn publish(&self, message: &Outgoing<'_>) -> Result<(), PublishError> {
         let mut nacks = 0;
         let mut attempt = 0;
+        let mut waits = retry::publish_backoff();
         loop {
             attempt += 1;
             let mut properties = BasicProperties::default()
@@ -149,7 +153,7 @@ impl Publisher {
                     if attempt >= PUBLISH_ATTEMPTS {
                         return Err(PublishError::Nacked(nacks));
                     }
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
                 }
                 Err(err) => {
                     if attempt >= PUBLISH_ATTEMPTS {
@@ -158,7 +162,7 @@ impl Publisher {
                     tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
                     if channel.wait_for_recovery(err).await.is_err() {
                         self.renew(&channel).await;
-                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                        tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
                     }
                 }
             }

@@ -91,6 +91,35 @@ impl Topology {
         args
     }
 
+    /// Whether the exchange `name` exists, asked without creating it (a passive declare, on
+    /// a channel of its own: the broker closes a channel that names a missing exchange).
+    pub async fn exchange_exists(
+        connection: &lapin::Connection,
+        name: &str,
+    ) -> Result<bool, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .exchange_declare(
+                ShortString::from(name),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = channel.close(200, "checked".into()).await;
+                Ok(true)
+            }
+            Err(err) if super::is_not_found(&err) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Declares everything the given workers need. Idempotent; safe from many replicas.
     pub async fn declare(&self, channel: &Channel, workers: &[&str]) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {

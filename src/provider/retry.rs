@@ -254,6 +254,29 @@ where
     }
 }
 
+/// lapin's schedule for recovering a lost broker connection: exponential from 200 ms to 5 s,
+/// without end (lapin's own default stops after 16 attempts; a broker down for an hour is
+/// reconnected to when it returns).
+pub fn broker_reconnect() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Waits between the attempts to publish one message (after a nack, or a channel that could
+/// not be recovered): exponential from 100 ms to 2 s with jitter; the publisher bounds the
+/// attempts.
+pub fn publish_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Waits between attempts to reach Postgres or the broker during an outage: exponential from
 /// 100 ms to 5 s, without end (the caller stops on shutdown).
 pub fn outage_backoff() -> impl Iterator<Item = Duration> {
@@ -356,6 +379,21 @@ mod tests {
             read("retry-after", "999999"),
             Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn publish_and_outage_waits_rise_from_their_floor_to_their_ceiling_and_never_end() {
+        // backon's jitter adds up to the step itself: a step of d waits in [d, 2d).
+        for (waits, floor, ceiling) in [
+            (publish_backoff().take(30).collect::<Vec<_>>(), 100, 2_000),
+            (outage_backoff().take(30).collect::<Vec<_>>(), 100, 5_000),
+        ] {
+            let (floor, ceiling) = (Duration::from_millis(floor), Duration::from_millis(ceiling));
+            assert_eq!(waits.len(), 30, "the schedule does not end");
+            assert!(waits[0] >= floor && waits[0] < 2 * floor, "{waits:?}");
+            assert!(waits.iter().all(|wait| *wait < 2 * ceiling), "{waits:?}");
+            assert!(waits[29] >= ceiling, "{waits:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -258,3 +258,55 @@ async fn published_results_match_the_result_schema() {
     );
     h.finish().await;
 }
+
+/// `copilot-workers publish` run as a helpdesk engineer would, against this harness's broker.
+fn publish_cli(h: &Harness, prefix: &str, file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
+        .args(["publish", "--file"])
+        .arg(file)
+        .env("COPILOT_AMQP_URL", &h.settings.amqp_url)
+        .env("COPILOT_TOPOLOGY_PREFIX", prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_command_delivers_an_event_and_refuses_a_missing_exchange_at_once() {
+    let mut h = Harness::start().await;
+    let output = summary_output("Published from the command line.");
+    acme(&h, &output).await;
+    let file = std::env::temp_dir().join(format!("{}.json", support::unique("cwpublish")));
+    let event = ticket_event("evt_cli", "org_acme", "ticket.created");
+    std::fs::write(&file, serde_json::to_vec(&event).unwrap()).unwrap();
+
+    let sent = publish_cli(&h, &h.settings.topology_prefix, &file);
+    let said = String::from_utf8_lossy(&sent.stdout);
+    assert!(
+        sent.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(said.contains("with routing key ticket.created"), "{said}");
+    let results = h.results(1, WAIT).await;
+    assert_eq!(results[0].data.source_event_id, "evt_cli");
+    assert_eq!(results[0].data.output.as_ref(), Some(&output));
+
+    // A prefix nobody declared: the command says so and stops, instead of retrying as if
+    // the broker were down.
+    let missing = format!("{}nobody.", h.settings.topology_prefix);
+    let refused = publish_cli(&h, &missing, &file);
+    let complaint = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        complaint.contains(&format!(
+            "exchange {missing}tickets.events does not exist: nothing was published"
+        )),
+        "{complaint}"
+    );
+    assert!(
+        !complaint.contains("waiting for the broker"),
+        "no retries: {complaint}"
+    );
+    h.finish().await;
+}
