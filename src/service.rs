@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Consumer, Link, Publisher, Topology};
+use crate::broker::{Consumer, Link, Publisher, Topology, TopologyKeeper};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
 use crate::pipeline::Pipeline;
@@ -90,6 +90,12 @@ pub async fn run(
         .await
         .context("cannot declare the RabbitMQ topology")?;
 
+    let keeper = Arc::new(TopologyKeeper::new(
+        topology.clone(),
+        names.iter().map(|name| (*name).to_owned()).collect(),
+        publishing.clone(),
+    ));
+
     let background = CancellationToken::new();
     // Stops the config listener however this function returns.
     let _background_guard = background.clone().drop_guard();
@@ -128,6 +134,7 @@ pub async fn run(
         provider,
         publisher,
         topology: topology.clone(),
+        keeper: keeper.clone(),
         max_event_bytes: settings.max_event_bytes,
         retry: RetryPolicy {
             max_attempts: settings.provider_max_attempts,
@@ -166,6 +173,7 @@ pub async fn run(
         let consumer = Consumer {
             queue: topology.worker_queue(worker.name()),
             prefetch: settings.prefetch,
+            keeper: Some(keeper.clone()),
         };
         let pipeline = pipeline.clone();
         let worker = worker.clone();

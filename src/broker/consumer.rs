@@ -16,7 +16,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
-use super::Link;
+use super::{Link, TopologyKeeper};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,6 +24,8 @@ use tokio_util::task::TaskTracker;
 pub struct Consumer {
     pub queue: String,
     pub prefetch: u16,
+    /// Declares the topology again when the queue has gone missing (none: just wait).
+    pub keeper: Option<Arc<TopologyKeeper>>,
 }
 
 impl Consumer {
@@ -59,6 +61,9 @@ impl Consumer {
                 }
                 Err(err) => {
                     tracing::warn!(queue = %self.queue, error = %err, "cannot attach consumer; retrying");
+                    if let (true, Some(keeper)) = (super::is_not_found(&err), &self.keeper) {
+                        keeper.restore().await;
+                    }
                 }
             }
             if !crate::sleep_unless_stopped(Duration::from_secs(1), &shutdown).await {

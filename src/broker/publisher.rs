@@ -33,6 +33,18 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
+impl PublishError {
+    /// Whether the broker lacks part of the topology the message needs (its exchange, or
+    /// every queue it could go to): declaring the topology again is what would help.
+    pub fn topology_missing(&self) -> bool {
+        match self {
+            PublishError::Unroutable { .. } => true,
+            PublishError::Broker(err) => super::is_not_found(err),
+            PublishError::Nacked(_) => false,
+        }
+    }
+}
+
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing<'a> {
@@ -156,13 +168,23 @@ impl Publisher {
                     tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
                 }
                 Err(err) => {
+                    // A missing exchange stays missing however often it is retried: the
+                    // channel it closed is mended, and the caller told at once.
+                    let missing = super::is_not_found(&err);
                     if attempt >= PUBLISH_ATTEMPTS {
                         return Err(err.into());
                     }
-                    tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
-                    if channel.wait_for_recovery(err).await.is_err() {
+                    if !missing {
+                        tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
+                    }
+                    if channel.wait_for_recovery(err.clone()).await.is_err() {
                         self.renew(&channel).await;
-                        tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
+                        if !missing {
+                            tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
+                        }
+                    }
+                    if missing {
+                        return Err(err.into());
                     }
                 }
             }

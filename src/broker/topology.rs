@@ -17,6 +17,57 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
+/// Declares the topology again when the broker has lost part of it (a queue or an exchange
+/// deleted by hand, a node rebuilt without its definitions), so that a running worker heals
+/// what it declared at start instead of stranding deliveries until it is restarted. One
+/// declaration runs at a time; callers within a second of the last one share it.
+pub struct TopologyKeeper {
+    topology: Topology,
+    workers: Vec<String>,
+    link: std::sync::Arc<super::Link>,
+    last: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl TopologyKeeper {
+    pub fn new(
+        topology: Topology,
+        workers: Vec<String>,
+        link: std::sync::Arc<super::Link>,
+    ) -> TopologyKeeper {
+        TopologyKeeper {
+            topology,
+            workers,
+            link,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Declares everything again (idempotent, safe from many replicas), on a channel of its
+    /// own: a declaration the broker refuses closes the channel it was sent on.
+    pub async fn restore(&self) {
+        let mut last = self.last.lock().await;
+        if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        let names: Vec<&str> = self.workers.iter().map(String::as_str).collect();
+        let declared = match self.link.connection().await.create_channel().await {
+            Ok(channel) => {
+                let declared = self.topology.declare(&channel, &names).await;
+                let _ = channel.close(200, "declared".into()).await;
+                declared
+            }
+            Err(err) => Err(err),
+        };
+        *last = Some(std::time::Instant::now());
+        match declared {
+            Ok(()) => tracing::warn!("part of the broker topology was missing; declared it again"),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot declare the broker topology again yet")
+            }
+        }
+    }
+}
+
 /// Steps, in seconds, of the delay queues that hold parked events.
 pub const DELAY_STEPS_SECS: [u64; 6] = [5, 30, 60, 120, 300, 900];
 

@@ -1,6 +1,6 @@
 //! What goes back to the broker: confirmed results, dead letters, parked events, and acks.
-//! Each publishes first and acks only once the broker confirmed; on failure the delivery
-//! stays unacked and comes back.
+//! Each publishes first and acks only once the broker confirmed; while the broker cannot take
+//! the message, the delivery is held (not nacked) and the publish tried again.
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use super::Pipeline;
 use crate::broker::{Outgoing, PublishError, Topology};
 use crate::events;
+use crate::provider::retry;
 use crate::store::ledger::LedgerEntry;
 use crate::telemetry as m;
 use crate::workers::Worker;
@@ -32,7 +33,7 @@ impl Pipeline {
             message = message.header("traceparent", &traceparent);
         }
         let step = std::time::Instant::now();
-        match self.publisher.publish(&message).await {
+        match self.publish_held(&message, "result").await {
             Ok(()) => {
                 m::record_step("publish", step);
                 metrics::counter!(m::RESULTS_PUBLISHED, "worker" => entry.worker.clone(),
@@ -74,7 +75,7 @@ impl Pipeline {
         message.content_type = content_type
             .as_deref()
             .unwrap_or("application/octet-stream");
-        match self.publisher.publish(&message).await {
+        match self.publish_held(&message, "dead letter").await {
             Ok(()) => {
                 metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.name().to_owned(),
                     "reason" => reason)
@@ -105,7 +106,7 @@ impl Pipeline {
         let mut message = Outgoing::new("", &queue, &delivery.data);
         message.headers = headers;
         message.content_type = content_type.as_deref().unwrap_or(events::CLOUDEVENTS_JSON);
-        match self.publisher.publish(&message).await {
+        match self.publish_held(&message, "parked event").await {
             Ok(()) => {
                 tracing::info!(
                     ?delay,
@@ -119,6 +120,31 @@ impl Pipeline {
                 self.ack(worker, delivery).await;
             }
             Err(err) => log_publish_failure(&err, "parked event"),
+        }
+    }
+
+    /// Publishes, holding the delivery through broker trouble. When the publisher's own
+    /// attempts fail, the topology is declared again if the broker lost part of it, and the
+    /// publish is tried again on the outage schedule until the broker confirms it. Only the
+    /// end of the shutdown grace period stops it: the delivery then goes back to the broker
+    /// with its channel. A delivery left unacked while its channel lives would come back
+    /// only when the broker's consumer timeout (30 min) closes the channel.
+    async fn publish_held(&self, message: &Outgoing<'_>, what: &str) -> Result<(), PublishError> {
+        let mut waits = retry::outage_backoff();
+        loop {
+            let err = match self.publisher.publish(message).await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            if err.topology_missing() {
+                self.keeper.restore().await;
+            }
+            let wait = waits.next().unwrap_or(Duration::from_secs(5));
+            tracing::warn!(error = %err, ?wait, "could not publish the {what}; holding the delivery and trying again");
+            tokio::select! {
+                () = self.abandon.cancelled() => return Err(err),
+                () = tokio::time::sleep(wait) => {}
+            }
         }
     }
 
@@ -142,7 +168,7 @@ impl Pipeline {
 }
 
 fn log_publish_failure(err: &PublishError, what: &str) {
-    tracing::warn!(error = %err, "could not publish the {what}; the delivery stays unacked and will come back");
+    tracing::warn!(error = %err, "could not publish the {what} before the grace period ended; the delivery goes back to the broker");
 }
 
 /// The delivery's `content_type` property.

@@ -27,7 +27,7 @@ use claim::Claim;
 pub use deliver::{ATTEMPTS_HEADER, REASON_HEADER};
 use run::{Run, Spent};
 
-use crate::broker::{Publisher, Topology};
+use crate::broker::{Publisher, Topology, TopologyKeeper};
 use crate::crypto::KeyRing;
 use crate::events::{self, ResultData, ResultError, ResultEvent, TicketEvent};
 use crate::provider::retry::{self, RetryPolicy};
@@ -50,6 +50,8 @@ pub struct Pipeline {
     pub provider: ProviderClient,
     pub publisher: Publisher,
     pub topology: Topology,
+    /// Declares the topology again when a publish finds part of it missing.
+    pub keeper: Arc<TopologyKeeper>,
     pub max_event_bytes: usize,
     pub retry: RetryPolicy,
     pub provider_timeout: Duration,

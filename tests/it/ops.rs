@@ -202,6 +202,64 @@ async fn readyz_follows_the_broker_connection() {
     rabbitmqctl(&["delete_vhost", &vhost]);
 }
 
+/// An operator deletes the results exchange, then a worker queue, under a running worker:
+/// the worker declares its topology again by itself. No result is stranded unacked and new
+/// events are consumed again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_deleted_under_a_running_worker_is_declared_again() {
+    let h = Harness::start().await;
+    let provider = provider_for(KEY, &summary_output("healed")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    // The test's own results queue is bound to the exchange and goes with it: results land
+    // in the unrouted-results queue once the exchange is back, as for any unbound result.
+    let unrouted = h.topology.unrouted_results();
+    let result_of = |event: &'static str| {
+        let h = &h;
+        let unrouted = unrouted.clone();
+        async move {
+            h.eventually(WAIT, &format!("the result of {event}"), || async {
+                h.queue_depth(&unrouted).await > 0
+            })
+            .await;
+            let taken = h.take_all(&unrouted).await;
+            assert_eq!(taken.len(), 1);
+            let result: serde_json::Value = serde_json::from_slice(&taken[0].data).unwrap();
+            assert_eq!(result["data"]["source_event_id"], event);
+        }
+    };
+
+    h.delete_exchange(&h.topology.results_exchange()).await;
+    h.publish(&ticket_event(
+        "evt_no_exchange",
+        "org_acme",
+        "ticket.created",
+    ))
+    .await;
+    result_of("evt_no_exchange").await;
+    let worker_queue = h.topology.worker_queue("summarize");
+    h.eventually(WAIT, "the delivery to be acked", || async {
+        h.queue_depth(&worker_queue).await == 0
+            && h.counter(
+                "copilot_results_published_total{worker=\"summarize\",outcome=\"completed\"}",
+            )
+            .await
+                == 1.0
+    })
+    .await;
+
+    h.delete_queue(&worker_queue).await;
+    h.eventually(WAIT, "the worker queue to be declared again", || async {
+        h.queue_exists(&worker_queue).await
+    })
+    .await;
+    h.publish(&ticket_event("evt_no_queue", "org_acme", "ticket.created"))
+        .await;
+    result_of("evt_no_queue").await;
+    assert_eq!(provider.received_requests().await.unwrap().len(), 2);
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traceparent_travels_from_the_event_to_its_result() {
     let mut h = Harness::start().await;

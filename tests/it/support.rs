@@ -16,7 +16,10 @@ use copilot_workers::store::configs::{Health, ModelParams, OrgContext, ProviderC
 use copilot_workers::workers::Catalog;
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -309,6 +312,37 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         dead
+    }
+
+    /// Deletes an exchange under the running service, as an operator's mistake would.
+    pub async fn delete_exchange(&self, name: &str) {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
+    /// Deletes a queue (and the messages in it) under the running service.
+    pub async fn delete_queue(&self, name: &str) {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
+    /// Whether `queue` exists (a passive declare, on a channel of its own).
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        let channel = self.connection.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .is_ok()
     }
 
     /// Messages ready in a queue (not counting unacked ones).

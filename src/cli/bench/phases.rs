@@ -279,6 +279,7 @@ impl Bench {
         let consumer = Consumer {
             queue: topology.worker_queue(WORKER),
             prefetch: self.settings.prefetch,
+            keeper: None,
         };
         let exchange = Arc::new(topology.results_exchange());
         let started = Instant::now();
