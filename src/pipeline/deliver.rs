@@ -130,7 +130,7 @@ impl Pipeline {
     /// with its channel. A delivery left unacked while its channel lives would come back
     /// only when the broker's consumer timeout (30 min) closes the channel.
     async fn publish_held(&self, message: &Outgoing<'_>, what: &str) -> Result<(), PublishError> {
-        let mut waits = retry::outage_backoff();
+        let mut waits = None; // built on the first failure only: the hot path never needs it
         loop {
             let err = match self.publisher.publish(message).await {
                 Ok(()) => return Ok(()),
@@ -139,7 +139,10 @@ impl Pipeline {
             if err.topology_missing() {
                 self.keeper.restore().await;
             }
-            let wait = waits.next().unwrap_or(Duration::from_secs(5));
+            let wait = waits
+                .get_or_insert_with(retry::outage_backoff)
+                .next()
+                .unwrap_or(Duration::from_secs(5));
             tracing::warn!(error = %err, ?wait, "could not publish the {what}; holding the delivery and trying again");
             tokio::select! {
                 () = self.abandon.cancelled() => return Err(err),
