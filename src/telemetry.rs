@@ -32,6 +32,8 @@ pub const STEP_DURATION: &str = "copilot_step_duration_seconds";
 pub const LEDGER_BATCH_ROWS: &str = "copilot_ledger_batch_rows";
 pub const EVENTS_IN_FLIGHT: &str = "copilot_events_in_flight";
 pub const ACKS_LOST: &str = "copilot_acks_lost_total";
+pub const PUBLISH_RETRIES: &str = "copilot_publish_retries_total";
+pub const TOPOLOGY_REDECLARED: &str = "copilot_topology_redeclared_total";
 pub const TOKENS: &str = "copilot_tokens_total";
 pub const CONFIG_CACHE_HITS: &str = "copilot_config_cache_hits_total";
 pub const CONFIG_CACHE_MISSES: &str = "copilot_config_cache_misses_total";
@@ -91,6 +93,14 @@ fn describe() {
     describe_counter!(
         ACKS_LOST,
         "Acks the broker did not take because the channel was recovered; the delivery comes back and the ledger answers it."
+    );
+    describe_counter!(
+        PUBLISH_RETRIES,
+        "Publishes the broker did not confirm, after which the delivery was held and the publish tried again, by message (result, dead_letter, parked)."
+    );
+    describe_counter!(
+        TOPOLOGY_REDECLARED,
+        "Times the broker topology was declared again because part of it was missing."
     );
     describe_counter!(
         TOKENS,

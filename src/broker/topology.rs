@@ -60,7 +60,10 @@ impl TopologyKeeper {
         };
         *last = Some(std::time::Instant::now());
         match declared {
-            Ok(()) => tracing::warn!("part of the broker topology was missing; declared it again"),
+            Ok(()) => {
+                metrics::counter!(crate::telemetry::TOPOLOGY_REDECLARED).increment(1);
+                tracing::warn!("part of the broker topology was missing; declared it again");
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot declare the broker topology again yet")
             }

@@ -75,7 +75,7 @@ impl Pipeline {
         message.content_type = content_type
             .as_deref()
             .unwrap_or("application/octet-stream");
-        match self.publish_held(&message, "dead letter").await {
+        match self.publish_held(&message, "dead_letter").await {
             Ok(()) => {
                 metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.name().to_owned(),
                     "reason" => reason)
@@ -106,7 +106,7 @@ impl Pipeline {
         let mut message = Outgoing::new("", &queue, &delivery.data);
         message.headers = headers;
         message.content_type = content_type.as_deref().unwrap_or(events::CLOUDEVENTS_JSON);
-        match self.publish_held(&message, "parked event").await {
+        match self.publish_held(&message, "parked").await {
             Ok(()) => {
                 tracing::info!(
                     ?delay,
@@ -129,7 +129,11 @@ impl Pipeline {
     /// end of the shutdown grace period stops it: the delivery then goes back to the broker
     /// with its channel. A delivery left unacked while its channel lives would come back
     /// only when the broker's consumer timeout (30 min) closes the channel.
-    async fn publish_held(&self, message: &Outgoing<'_>, what: &str) -> Result<(), PublishError> {
+    async fn publish_held(
+        &self,
+        message: &Outgoing<'_>,
+        what: &'static str,
+    ) -> Result<(), PublishError> {
         let mut waits = None; // built on the first failure only: the hot path never needs it
         loop {
             let err = match self.publisher.publish(message).await {
@@ -143,7 +147,8 @@ impl Pipeline {
                 .get_or_insert_with(retry::outage_backoff)
                 .next()
                 .unwrap_or(Duration::from_secs(5));
-            tracing::warn!(error = %err, ?wait, "could not publish the {what}; holding the delivery and trying again");
+            metrics::counter!(m::PUBLISH_RETRIES, "message" => what).increment(1);
+            tracing::warn!(error = %err, ?wait, message = what, "could not publish; holding the delivery and trying again");
             tokio::select! {
                 () = self.abandon.cancelled() => return Err(err),
                 () = tokio::time::sleep(wait) => {}
