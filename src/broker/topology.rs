@@ -50,16 +50,19 @@ impl TopologyKeeper {
             return;
         }
         let names: Vec<&str> = self.workers.iter().map(String::as_str).collect();
-        let declared = match self.link.connection().await.create_channel().await {
-            Ok(channel) => {
-                let declared = self.topology.declare(&channel, &names).await;
-                let _ = channel.close(200, "declared".into()).await;
-                declared
-            }
-            Err(err) => Err(err),
+        let declare = async {
+            let channel = self.link.connection().await.create_channel().await?;
+            let declared = self.topology.declare(&channel, &names).await;
+            let _ = channel.close(200, "declared".into()).await;
+            declared
         };
+        // Bounded: should the broker go away meanwhile, the link would wait for it, and a
+        // consumer waiting here would not see a shutdown.
+        let declared = tokio::time::timeout(std::time::Duration::from_secs(10), declare).await;
         *last = Some(std::time::Instant::now());
-        match declared {
+        match declared
+            .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::other("timed out"))))
+        {
             Ok(()) => {
                 metrics::counter!(crate::telemetry::TOPOLOGY_REDECLARED).increment(1);
                 tracing::warn!("part of the broker topology was missing; declared it again");
