@@ -24,11 +24,17 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The system's root certificates (an empty store when there are none).
+/// The system's root certificates (an empty store when there are none), read and parsed
+/// once per process: the provider client and a TLS connection to Postgres both need them.
 pub(crate) fn system_roots() -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    roots
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            roots
+        })
+        .clone()
 }
 
 /// A TLS client configuration (ring, TLS 1.2 and 1.3) that verifies servers against `roots`:
