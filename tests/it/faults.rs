@@ -1,5 +1,7 @@
-//! Delivery guarantees under faults: every test publishes N ≥ 500 events and checks that each
-//! has exactly one distinct result id and that none is missing.
+//! Delivery guarantees under faults. The crash, outage and chaos tests publish N ≥ 500 events
+//! and check that each has exactly one distinct result id and that none is missing; the others
+//! follow a few events through one fault (a lapsed lease, a delay queue, exhausted retries, an
+//! open breaker, bad input).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
