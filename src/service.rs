@@ -85,10 +85,18 @@ pub async fn run(
     let publisher = Publisher::new(publishing.clone()).await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
-    topology
-        .declare(&publisher.channel().await, &names)
-        .await
-        .context("cannot declare the RabbitMQ topology")?;
+    if let Err(err) = topology.declare(&publisher.channel().await, &names).await {
+        let hint = if crate::broker::is_precondition_failed(&err) {
+            " (a queue's arguments are fixed when it is first declared: to change \
+             COPILOT_DELIVERY_LIMIT on existing queues, use a RabbitMQ policy, or drain and \
+             delete them; see the README)"
+        } else {
+            ""
+        };
+        return Err(
+            anyhow::Error::new(err).context(format!("cannot declare the RabbitMQ topology{hint}"))
+        );
+    }
 
     let keeper = Arc::new(TopologyKeeper::new(
         topology.clone(),

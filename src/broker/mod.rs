@@ -14,10 +14,25 @@ pub use topology::{Topology, TopologyKeeper};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};
 
+/// The channel-level error the broker answered with, if that is what `err` is.
+fn soft_error(err: &lapin::Error) -> Option<&AMQPSoftError> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
 /// Whether the broker answered that a named exchange or queue does not exist (404).
 pub fn is_not_found(err: &lapin::Error) -> bool {
-    matches!(err.kind(), lapin::ErrorKind::ProtocolError(amqp)
-        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+    matches!(soft_error(err), Some(AMQPSoftError::NOTFOUND))
+}
+
+/// Whether the broker refused a declaration because what exists has other arguments (406).
+pub fn is_precondition_failed(err: &lapin::Error) -> bool {
+    matches!(soft_error(err), Some(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 /// Opens a connection that lapin recovers by itself (connection, channels, topology and

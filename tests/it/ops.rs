@@ -260,6 +260,31 @@ async fn a_topology_deleted_under_a_running_worker_is_declared_again() {
     h.finish().await;
 }
 
+/// Queue arguments are fixed once declared: a changed delivery limit stops the start with
+/// what to do, not only the broker's complaint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_delivery_limit_is_refused_at_start_with_what_to_do() {
+    let h = Harness::start().await;
+    let changed = (h.settings.delivery_limit + 1).to_string();
+    let output = tokio::time::timeout(
+        WAIT,
+        h.binary_command()
+            .env("COPILOT_DELIVERY_LIMIT", &changed)
+            .output(),
+    )
+    .await
+    .expect("the service stops at once")
+    .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(
+        said.contains("inequivalent arg 'x-delivery-limit'"),
+        "{said}"
+    );
+    assert!(said.contains("use a RabbitMQ policy"), "{said}");
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traceparent_travels_from_the_event_to_its_result() {
     let mut h = Harness::start().await;

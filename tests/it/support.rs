@@ -454,6 +454,23 @@ pub type SeenResults = HashMap<String, HashSet<String>>;
 impl Harness {
     /// Starts `copilot-workers run` for this installation as a separate process.
     pub fn spawn_binary(&self) -> Binary {
+        let mut child = self.binary_command().spawn().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let output = tokio::spawn(async move {
+            let (mut a, mut b) = (String::new(), String::new());
+            let _ = tokio::join!(
+                tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
+                tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
+            );
+            a + &b
+        });
+        Binary { child, output }
+    }
+
+    /// `copilot-workers run` for this installation, its settings in the environment, its
+    /// output piped; a test may change the environment before spawning it.
+    pub fn binary_command(&self) -> tokio::process::Command {
         let s = &self.settings;
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"));
         command
@@ -484,18 +501,7 @@ impl Harness {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let output = tokio::spawn(async move {
-            let (mut a, mut b) = (String::new(), String::new());
-            let _ = tokio::join!(
-                tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
-                tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
-            );
-            a + &b
-        });
-        Binary { child, output }
+        command
     }
 
     /// Collects results into `seen` until every one of `event_ids` has one, for at most
