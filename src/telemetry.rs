@@ -203,7 +203,12 @@ pub fn record_step(step: &'static str, started: std::time::Instant) {
 
 /// Sets up logging; `RUST_LOG` chooses levels (default `info`).
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_tracing_with(format, "info");
+}
+
+/// Sets up logging with `default` as the levels when `RUST_LOG` is unset.
+pub fn init_tracing_with(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -88,7 +88,13 @@ fn describe(err: &anyhow::Error) -> String {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.settings.resolve()?;
-    crate::telemetry::init_tracing(settings.log_format);
+    // `publish` reports the broker's refusals in its own error; lapin's log line of the same
+    // refusal (at ERROR, before it) would only repeat it.
+    let levels = match cli.command {
+        Command::Publish(_) => "info,lapin=off",
+        _ => "info",
+    };
+    crate::telemetry::init_tracing_with(settings.log_format, levels);
     match cli.command {
         Command::Run(args) => run::run(settings, args).await,
         Command::Migrate => migrate::run(&settings).await,

@@ -266,7 +266,7 @@ fn publish_cli(h: &Harness, prefix: &str, file: &std::path::Path) -> std::proces
         .arg(file)
         .env("COPILOT_AMQP_URL", &h.settings.amqp_url)
         .env("COPILOT_TOPOLOGY_PREFIX", prefix)
-        .env("RUST_LOG", "warn")
+        .env_remove("RUST_LOG")
         .output()
         .unwrap()
 }
@@ -307,6 +307,11 @@ async fn the_publish_command_delivers_an_event_and_refuses_a_missing_exchange_at
     assert!(
         !complaint.contains("waiting for the broker"),
         "no retries: {complaint}"
+    );
+    assert_eq!(
+        complaint.lines().count(),
+        1,
+        "one line says it all: {complaint}"
     );
     h.finish().await;
 }
