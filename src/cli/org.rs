@@ -22,9 +22,19 @@ pub enum OrgCommand {
     /// Create or replace an org's provider config.
     Set(Box<SetArgs>),
     /// Show an org's config (the key masked to its last four characters).
-    Show { org: String },
+    Show {
+        org: String,
+        /// Print the config as JSON (the admin API's shape) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// List every org's config.
-    List,
+    List {
+        /// Print a JSON array of configs (the admin API's shape, keys masked) instead of a
+        /// table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an org's config: its events are skipped from then on.
     Remove { org: String },
     /// Enable an org's config.
@@ -101,16 +111,34 @@ pub async fn run(settings: &Settings, command: OrgCommand) -> anyhow::Result<()>
     let store = Store::connect(&settings.database_url, 2)?;
     match command {
         OrgCommand::Set(args) => set(settings, &store, *args).await,
-        OrgCommand::Show { org } => {
+        OrgCommand::Show { org, json } => {
             let keys = KeyRing::from_env()?;
             let config = store
                 .provider_config(&org)
                 .await?
                 .with_context(|| format!("org {org} has no provider config"))?;
-            print!("{}", describe(&config, &keys));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ConfigView::new(&config, &keys))?
+                );
+            } else {
+                print!("{}", describe(&config, &keys));
+            }
             Ok(())
         }
-        OrgCommand::List => {
+        OrgCommand::List { json: true } => {
+            let keys = KeyRing::from_env()?;
+            let views: Vec<ConfigView> = store
+                .provider_configs()
+                .await?
+                .iter()
+                .map(|config| ConfigView::new(config, &keys))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&views)?);
+            Ok(())
+        }
+        OrgCommand::List { json: false } => {
             let configs = store.provider_configs().await?;
             println!(
                 "{:<24} {:<9} {:<8} {:<8} {:<24} BASE URL",

@@ -140,6 +140,23 @@ async fn the_api_key_appears_nowhere() {
     assert!(cli.run(&["org", "show", "org_leak"], None).await);
     assert!(cli.captured.contains("…6a8b"), "show prints the last four");
     assert!(cli.run(&["org", "list"], None).await);
+    let before = cli.captured.len();
+    assert!(cli.run(&["org", "show", "org_leak", "--json"], None).await);
+    // Standard output comes first in what was captured; logs (at trace) may follow it.
+    let first_json = |text: &str| -> serde_json::Value {
+        serde_json::Deserializer::from_str(text)
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap()
+    };
+    let shown = first_json(&cli.captured[before..]);
+    assert_eq!(shown["api_key"]["last4"], "…6a8b");
+    let before = cli.captured.len();
+    assert!(cli.run(&["org", "list", "--json"], None).await);
+    let listed = first_json(&cli.captured[before..]);
+    assert_eq!(listed[0]["org_id"], "org_echo", "ordered by org id");
+    assert_eq!(listed[1]["api_key"]["last4"], "…6a8b");
     assert!(cli.run(&["org", "test", "org_leak"], None).await);
     assert!(
         !cli.run(&["org", "test", "org_echo"], None).await,
