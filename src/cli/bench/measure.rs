@@ -19,6 +19,41 @@ pub fn process_stats(pid: u32) -> Option<(f64, f64)> {
     Some((ticks / 100.0, hwm_kb / 1024.0))
 }
 
+/// CPU seconds (user + system) of the local RabbitMQ: every process named `beam.smp` (the
+/// Erlang VM it runs in). `None` when there is none here (a remote broker).
+pub fn broker_cpu() -> Option<f64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "beam.smp" {
+            continue;
+        }
+        if let Some((cpu, _)) = process_stats(pid) {
+            *total.get_or_insert(0.0) += cpu;
+        }
+    }
+    total
+}
+
+/// A note on the broker's CPU per event between two [`broker_cpu`] readings; empty when the
+/// broker is not a local process.
+pub fn broker_note(before: Option<f64>, after: Option<f64>, events: usize) -> String {
+    match (before, after) {
+        (Some(before), Some(after)) if events > 0 => format!(
+            "; the broker's CPU {:.3} ms per event",
+            (after - before) * 1000.0 / events as f64
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The mean of a Prometheus histogram (sum / count) over the label sets whose line contains
 /// `only`.
 pub fn histogram_mean(page: &str, name: &str, only: &str) -> Option<f64> {
@@ -117,6 +152,16 @@ mod tests {
         assert_eq!(histogram_mean(page, "y", ""), Some(32.0 / 6.0));
         assert_eq!(histogram_mean(page, "z", ""), None);
         assert!(histogram_quantile(page, "y", "s=\"a\"", 0.99).unwrap() <= 1.0);
+    }
+
+    #[test]
+    fn the_broker_note_is_its_cpu_per_event_or_nothing() {
+        assert_eq!(
+            broker_note(Some(10.0), Some(12.5), 10_000),
+            "; the broker's CPU 0.250 ms per event"
+        );
+        assert_eq!(broker_note(None, Some(12.5), 10_000), "");
+        assert_eq!(broker_note(Some(10.0), Some(12.5), 0), "");
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// Run only these phases (comma-separated: baseline, instant, paced, slow, soak).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Pace the baseline to this many events per second, evenly, one at a time (default: as
+    /// fast as the broker goes). The broker's CPU per event, in each phase's notes, then shows
+    /// what the same AMQP work costs it at the instant run's rate.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub baseline_rate: Option<u32>,
     /// Write the results table as Markdown to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
@@ -100,7 +105,11 @@ async fn measure_all(bench: &phases::Bench, args: &BenchArgs) -> anyhow::Result<
             _ => format!("{phase}{round}"),
         };
         let baseline = match wanted("baseline") {
-            true => Some(bench.baseline(&label("baseline"), args.events).await?),
+            true => Some(
+                bench
+                    .baseline(&label("baseline"), args.events, args.baseline_rate)
+                    .await?,
+            ),
             false => None,
         };
         let instant = match wanted("instant") {

@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Row;
-use super::measure::{histogram_mean, histogram_quantile, process_stats, rates, reset_peak_rss};
+use super::measure::{
+    broker_cpu, broker_note, histogram_mean, histogram_quantile, process_stats, rates,
+    reset_peak_rss,
+};
 use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
 use crate::config::{EndpointPolicy, Settings};
 use crate::crypto::KeyRing;
@@ -255,7 +258,9 @@ impl Bench {
 
     /// (a) The broker alone: consume, publish a result event shaped like the worker's with a
     /// confirm, ack.
-    pub async fn baseline(&self, label: &str, n: usize) -> anyhow::Result<Row> {
+    /// `rate` paces the handling to that many events per second, evenly one at a time (none:
+    /// as fast as the broker goes).
+    pub async fn baseline(&self, label: &str, n: usize, rate: Option<u32>) -> anyhow::Result<Row> {
         let topology = self.topology(label);
         topology
             .declare(&self.publisher.channel().await, &[WORKER])
@@ -284,7 +289,13 @@ impl Bench {
         let exchange = Arc::new(topology.results_exchange());
         let started = Instant::now();
         let (cpu_before, _) = process_stats(std::process::id()).unwrap_or_default();
+        let broker_before = broker_cpu();
         let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let pace = rate.map(|rate| {
+            let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            Arc::new(tokio::sync::Mutex::new(ticks))
+        });
         let consume = {
             let (tracker, shutdown, consuming) =
                 (tracker.clone(), shutdown.clone(), consuming.clone());
@@ -292,11 +303,15 @@ impl Bench {
                 consumer
                     .run(&consuming, &tracker, shutdown, running, move |delivery| {
                         let (publisher, exchange) = (publisher.clone(), exchange.clone());
+                        let pace = pace.clone();
                         // The result names its event, taken from the message id (no parse).
                         let id = delivery.properties.message_id().as_ref();
                         let id = id.map_or("", |id| id.as_str());
                         let body = [before_id.as_str(), id, after_id.as_str()].concat();
                         async move {
+                            if let Some(pace) = pace {
+                                pace.lock().await.tick().await;
+                            }
                             let mut message = Outgoing::new(
                                 &exchange,
                                 "ticket.enriched.summarize",
@@ -314,6 +329,7 @@ impl Bench {
         self.wait_for(label, &arrivals, n, Duration::from_secs(600))
             .await?;
         let (cpu_after, _) = process_stats(std::process::id()).unwrap_or_default();
+        let broker_after = broker_cpu();
         shutdown.cancel();
         let _ = consume.await;
         tracker.close();
@@ -332,8 +348,10 @@ impl Bench {
             wall,
             cpu_per_1000: Some((cpu_after - cpu_before) * 1000.0 / n as f64),
             note: format!(
-                "broker only; CPU is the bench process (consumer, publisher and result \
-                 listener); results {size} bytes"
+                "broker only{paced}; CPU is the bench process (consumer, publisher and result \
+                 listener); results {size} bytes{broker}",
+                paced = rate.map_or(String::new(), |rate| format!(", paced at {rate}/s")),
+                broker = broker_note(broker_before, broker_after, n),
             ),
             ..Row::default()
         })
@@ -436,6 +454,7 @@ impl Bench {
         };
         reset_peak_rss(pid);
         let (cpu_before, _) = process_stats(pid).unwrap_or_default();
+        let broker_before = broker_cpu();
         let pacer = pace.map(|rate| {
             let mut sender = self.sender(&topology, phase);
             sender.sent = Some(arrivals.clone());
@@ -453,6 +472,7 @@ impl Bench {
             pacer.abort();
         }
         let (cpu_after, peak) = process_stats(pid).unwrap_or_default();
+        let broker_after = broker_cpu();
         let page = get(&http, port, "/metrics").await?;
         let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.5);
         let p99 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.99);
@@ -498,10 +518,11 @@ impl Bench {
             .collect();
         let mut note = format!(
             "{} calls answered by the fake provider; results {size} bytes; step p99 ms: {}; \
-             events per ledger statement: {}",
+             events per ledger statement: {}{}",
             fake.requests(),
             steps.join(", "),
-            batches.join(", ")
+            batches.join(", "),
+            broker_note(broker_before, broker_after, n),
         );
         if let Some(rate) = pace {
             latencies.sort();
