@@ -214,7 +214,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
             Some(results) => {
                 results.sort_by(|a, b| a.data.worker.cmp(&b.data.worker));
                 for result in results.iter() {
-                    print_result(result);
+                    super::results::print_result(result);
                 }
                 println!();
             }
@@ -233,32 +233,6 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         anyhow::bail!("only {count} of {expected} results arrived within 60 s");
     }
     Ok(())
-}
-
-fn print_result(result: &ResultEvent) {
-    let data = &result.data;
-    let status = if result.is_completed() { "✓" } else { "✗" };
-    println!(
-        "   {status} {:<12} {:>5} ms  {} tokens  model {}",
-        data.worker,
-        data.latency_ms,
-        data.usage.prompt_tokens + data.usage.completion_tokens,
-        data.model
-    );
-    if let Some(output) = &data.output
-        && let Some(object) = output.as_object()
-    {
-        for (field, value) in object {
-            let text = match value {
-                serde_json::Value::String(text) => text.replace('\n', " ⏎ "),
-                other => other.to_string(),
-            };
-            println!("       {field:<15} {text}");
-        }
-    }
-    if let Some(error) = &data.error {
-        println!("       error [{}] {}", error.class, error.message);
-    }
 }
 
 /// The URL without its password, for printing.

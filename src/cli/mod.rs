@@ -7,6 +7,7 @@ mod ledger;
 mod migrate;
 mod org;
 mod publish;
+mod results;
 mod run;
 
 use std::process::ExitCode;
@@ -42,6 +43,9 @@ pub enum Command {
     Ledger(ledger::LedgerCommand),
     /// Publish a ticket event from a file, as a helpdesk would.
     Publish(publish::PublishArgs),
+    /// Watch results as a downstream consumer receives them (a queue of its own, deleted on
+    /// exit).
+    Results(results::ResultsArgs),
     /// The whole loop on this machine with a built-in fake provider; no API key needed.
     Demo(demo::DemoArgs),
     /// Measure throughput, overhead, memory and CPU against the broker's own limit.
@@ -91,7 +95,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     // `publish` reports the broker's refusals in its own error; lapin's log line of the same
     // refusal (at ERROR, before it) would only repeat it.
     let levels = match cli.command {
-        Command::Publish(_) => "info,lapin=off",
+        Command::Publish(_) | Command::Results(_) => "info,lapin=off",
         _ => "info",
     };
     crate::telemetry::init_tracing_with(settings.log_format, levels);
@@ -102,6 +106,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(command) => keys::run(&settings, command).await,
         Command::Ledger(command) => ledger::run(&settings, command).await,
         Command::Publish(args) => publish::run(&settings, args).await,
+        Command::Results(args) => results::run(&settings, args).await,
         Command::Demo(args) => demo::run(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
     }

@@ -315,3 +315,50 @@ async fn the_publish_command_delivers_an_event_and_refuses_a_missing_exchange_at
     );
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_results_command_shows_results_as_downstream_receives_them() {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut h = Harness::start().await;
+    let output = summary_output("Watched from the command line.");
+    acme(&h, &output).await;
+    let mut watcher = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
+        .args(["results", "--json", "--count", "1"])
+        .env("COPILOT_AMQP_URL", &h.settings.amqp_url)
+        .env("COPILOT_TOPOLOGY_PREFIX", &h.settings.topology_prefix)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // It says when its queue is bound; only results published after that reach it.
+    let mut said = tokio::io::BufReader::new(watcher.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, said.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first
+            .as_deref()
+            .is_some_and(|line| line.starts_with("listening on")),
+        "{first:?}"
+    );
+
+    h.publish(&ticket_event("evt_watched", "org_acme", "ticket.created"))
+        .await;
+    let done = tokio::time::timeout(WAIT, watcher.wait_with_output())
+        .await
+        .expect("it stops after --count results")
+        .unwrap();
+    assert!(done.status.success());
+    let printed = String::from_utf8_lossy(&done.stdout);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 1, "{printed}");
+    let result: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(result["data"]["source_event_id"], "evt_watched");
+    assert_eq!(result["data"]["output"], output);
+    // It took nothing from the harness's own results queue.
+    let seen = h.results(1, WAIT).await;
+    assert_eq!(seen[0].data.source_event_id, "evt_watched");
+    h.finish().await;
+}
