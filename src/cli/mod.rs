@@ -73,6 +73,23 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// Fails, saying `consequence` and what to do, when `exchange` does not exist: the commands
+/// that talk to the topology (`publish`, `results`) do not declare it, `run` does.
+async fn require_exchange(
+    link: &crate::broker::Link,
+    exchange: &str,
+    consequence: &str,
+) -> anyhow::Result<()> {
+    if crate::broker::Topology::exchange_exists(&*link.connection().await, exchange).await? {
+        return Ok(());
+    }
+    link.close().await;
+    anyhow::bail!(
+        "exchange {exchange} does not exist: {consequence}. Start `copilot-workers run` once \
+         (with the same COPILOT_TOPOLOGY_PREFIX) to declare the topology."
+    )
+}
+
 /// An error and its causes in one line, each said once: many errors (deadpool's,
 /// tokio-postgres') already print their cause, which the chain then gives again.
 fn describe(err: &anyhow::Error) -> String {

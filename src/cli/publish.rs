@@ -35,13 +35,7 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
     let link = broker::Link::open(&settings.amqp_url, "copilot-workers publish-cli").await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let exchange = topology.events_exchange();
-    if !Topology::exchange_exists(&*link.connection().await, &exchange).await? {
-        link.close().await;
-        anyhow::bail!(
-            "exchange {exchange} does not exist: nothing was published. Start `copilot-workers run` \
-             once (with the same COPILOT_TOPOLOGY_PREFIX) to declare the topology."
-        );
-    }
+    super::require_exchange(&link, &exchange, "nothing was published").await?;
     let publisher = Publisher::new(link.clone()).await?;
     let mut message = Outgoing::new(&exchange, &routing_key, &body);
     message.content_type = events::CLOUDEVENTS_JSON;

@@ -27,13 +27,7 @@ pub async fn run(settings: &Settings, args: ResultsArgs) -> anyhow::Result<()> {
     let link = broker::Link::open(&settings.amqp_url, "copilot-workers results-cli").await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let exchange = topology.results_exchange();
-    if !Topology::exchange_exists(&*link.connection().await, &exchange).await? {
-        link.close().await;
-        anyhow::bail!(
-            "exchange {exchange} does not exist yet: start `copilot-workers run` once (with the \
-             same COPILOT_TOPOLOGY_PREFIX) to declare the topology"
-        );
-    }
+    super::require_exchange(&link, &exchange, "there is nothing to watch yet").await?;
     let (_channel, mut consumer) = broker::tap(&*link.connection().await, &exchange)
         .await
         .with_context(|| format!("cannot listen on {exchange}"))?;
