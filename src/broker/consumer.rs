@@ -61,7 +61,9 @@ impl Consumer {
                 }
                 Err(err) => {
                     tracing::warn!(queue = %self.queue, error = %err, "cannot attach consumer; retrying");
-                    if let (true, Some(keeper)) = (super::is_not_found(&err), &self.keeper) {
+                    if let Some(keeper) = &self.keeper
+                        && super::is_not_found(&err)
+                    {
                         keeper.restore().await;
                     }
                 }

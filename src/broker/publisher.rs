@@ -167,24 +167,22 @@ impl Publisher {
                     }
                     tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
                 }
-                Err(err) => {
+                Err(err) if super::is_not_found(&err) => {
                     // A missing exchange stays missing however often it is retried: the
                     // channel it closed is mended, and the caller told at once.
-                    let missing = super::is_not_found(&err);
+                    if channel.wait_for_recovery(err.clone()).await.is_err() {
+                        self.renew(&channel).await;
+                    }
+                    return Err(err.into());
+                }
+                Err(err) => {
                     if attempt >= PUBLISH_ATTEMPTS {
                         return Err(err.into());
                     }
-                    if !missing {
-                        tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
-                    }
-                    if channel.wait_for_recovery(err.clone()).await.is_err() {
+                    tracing::warn!(error = %err, "publish failed; waiting for the broker connection to recover");
+                    if channel.wait_for_recovery(err).await.is_err() {
                         self.renew(&channel).await;
-                        if !missing {
-                            tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
-                        }
-                    }
-                    if missing {
-                        return Err(err.into());
+                        tokio::time::sleep(waits.next().unwrap_or(LONGEST_WAIT)).await;
                     }
                 }
             }

@@ -60,16 +60,15 @@ impl TopologyKeeper {
         // consumer waiting here would not see a shutdown.
         let declared = tokio::time::timeout(std::time::Duration::from_secs(10), declare).await;
         *last = Some(std::time::Instant::now());
-        match declared
-            .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::other("timed out"))))
-        {
-            Ok(()) => {
+        match declared {
+            Ok(Ok(())) => {
                 metrics::counter!(crate::telemetry::TOPOLOGY_REDECLARED).increment(1);
                 tracing::warn!("part of the broker topology was missing; declared it again");
             }
-            Err(err) => {
+            Ok(Err(err)) => {
                 tracing::warn!(error = %err, "cannot declare the broker topology again yet")
             }
+            Err(_) => tracing::warn!("declaring the broker topology again timed out after 10 s"),
         }
     }
 }

@@ -149,9 +149,8 @@ impl Pipeline {
                 .unwrap_or(Duration::from_secs(5));
             metrics::counter!(m::PUBLISH_RETRIES, "message" => what).increment(1);
             tracing::warn!(error = %err, ?wait, message = what, "could not publish; holding the delivery and trying again");
-            tokio::select! {
-                () = self.abandon.cancelled() => return Err(err),
-                () = tokio::time::sleep(wait) => {}
+            if !crate::sleep_unless_stopped(wait, &self.abandon).await {
+                return Err(err);
             }
         }
     }

@@ -254,38 +254,34 @@ where
     }
 }
 
+/// Exponential waits from `min` to `max` with jitter, without end: the shape of every schedule
+/// below except the provider's (whose jitter is full and whose hints count).
+fn endless(min: Duration, max: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+}
+
 /// lapin's schedule for recovering a lost broker connection: exponential from 200 ms to 5 s,
 /// without end (lapin's own default stops after 16 attempts; a broker down for an hour is
 /// reconnected to when it returns).
 pub fn broker_reconnect() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
+    endless(Duration::from_millis(200), Duration::from_secs(5))
 }
 
 /// Waits between the attempts to publish one message (after a nack, or a channel that could
 /// not be recovered): exponential from 100 ms to 2 s with jitter; the publisher bounds the
 /// attempts.
 pub fn publish_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    endless(Duration::from_millis(100), Duration::from_secs(2)).build()
 }
 
 /// Waits between attempts to reach Postgres or the broker during an outage: exponential from
 /// 100 ms to 5 s, without end (the caller stops on shutdown).
 pub fn outage_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    endless(Duration::from_millis(100), Duration::from_secs(5)).build()
 }
 
 #[cfg(test)]
