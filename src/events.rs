@@ -10,6 +10,9 @@ use serde_json::Value;
 
 /// `content_type` of a structured-mode CloudEvent.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The longest event id, org id or ticket id accepted, in bytes (as in the event schema).
+pub const MAX_ID_BYTES: usize = 200;
 /// `source` of every result event.
 pub const RESULT_SOURCE: &str = "copilot-workers";
 /// Result event type when a worker produced an output.
@@ -222,7 +225,10 @@ pub fn parse_event(
     }
     let event: TicketEvent =
         serde_json::from_value(value).map_err(|err| BadInput::InvalidField(err.to_string()))?;
-    if event.id.len() > 200 || event.data.org_id.len() > 200 || event.data.ticket.id.len() > 200 {
+    if event.id.len() > MAX_ID_BYTES
+        || event.data.org_id.len() > MAX_ID_BYTES
+        || event.data.ticket.id.len() > MAX_ID_BYTES
+    {
         return Err(BadInput::InvalidField(
             "id, org_id and ticket.id must be at most 200 bytes".to_owned(),
         ));
@@ -240,9 +246,9 @@ fn well_formed(event: &TicketEvent) -> bool {
         && !event.source.is_empty()
         && !event.data.org_id.trim().is_empty()
         && !event.data.ticket.id.trim().is_empty()
-        && event.id.len() <= 200
-        && event.data.org_id.len() <= 200
-        && event.data.ticket.id.len() <= 200
+        && event.id.len() <= MAX_ID_BYTES
+        && event.data.org_id.len() <= MAX_ID_BYTES
+        && event.data.ticket.id.len() <= MAX_ID_BYTES
 }
 
 /// The static name of a required top-level field.

@@ -176,6 +176,30 @@ impl Topology {
         }
     }
 
+    /// How many messages the queue `name` holds ready, or None when it does not exist (a
+    /// passive declare, on a channel of its own, like [`Topology::exchange_exists`]).
+    pub async fn queue_depth(
+        connection: &lapin::Connection,
+        name: &str,
+    ) -> Result<Option<u32>, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(ShortString::from(name), passive, FieldTable::default())
+            .await
+        {
+            Ok(queue) => {
+                let _ = channel.close(200, "checked".into()).await;
+                Ok(Some(queue.message_count()))
+            }
+            Err(err) if super::is_not_found(&err) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Declares everything the given workers need. Idempotent; safe from many replicas.
     pub async fn declare(&self, channel: &Channel, workers: &[&str]) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand.
 
 mod bench;
+mod dead_letters;
 pub mod demo;
 mod keys;
 mod ledger;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Watch results as a downstream consumer receives them (a queue of its own, deleted on
     /// exit).
     Results(results::ResultsArgs),
+    /// Inspect dead letters, and send them back to their worker once the cause is fixed.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLettersCommand),
     /// The whole loop on this machine with a built-in fake provider; no API key needed.
     Demo(demo::DemoArgs),
     /// Measure throughput, overhead, memory and CPU against the broker's own limit.
@@ -109,10 +113,10 @@ fn describe(err: &anyhow::Error) -> String {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.settings.resolve()?;
-    // `publish` reports the broker's refusals in its own error; lapin's log line of the same
-    // refusal (at ERROR, before it) would only repeat it.
+    // These commands report the broker's refusals (a missing exchange or queue) in their own
+    // error; lapin's log line of the same refusal (at ERROR, before it) would only repeat it.
     let levels = match cli.command {
-        Command::Publish(_) | Command::Results(_) => "info,lapin=off",
+        Command::Publish(_) | Command::Results(_) | Command::DeadLetters(_) => "info,lapin=off",
         _ => "info",
     };
     crate::telemetry::init_tracing_with(settings.log_format, levels);
@@ -124,6 +128,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(command) => ledger::run(&settings, command).await,
         Command::Publish(args) => publish::run(&settings, args).await,
         Command::Results(args) => results::run(&settings, args).await,
+        Command::DeadLetters(command) => dead_letters::run(&settings, command).await,
         Command::Demo(args) => demo::run(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
     }

@@ -20,6 +20,12 @@ use crate::workers::Worker;
 pub const ATTEMPTS_HEADER: &str = "x-copilot-attempts";
 /// Header naming why a delivery was dead-lettered.
 pub const REASON_HEADER: &str = "x-copilot-reason";
+/// Header naming the worker that dead-lettered a delivery (where a replay sends it back).
+pub const WORKER_HEADER: &str = "x-copilot-worker";
+/// Header giving the routing key a dead-lettered event was first published with.
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
+/// Header giving when a delivery was dead-lettered (RFC 3339, UTC).
+pub const DEAD_LETTERED_AT_HEADER: &str = "x-copilot-dead-lettered-at";
 
 impl Pipeline {
     /// Publishes a recorded result; false when it could not be confirmed (not acked then).
@@ -67,11 +73,20 @@ impl Pipeline {
         let routing_key = format!("{}.{reason}", worker.name());
         let detail: String = detail.chars().take(300).collect();
         let content_type = content_type(delivery);
+        // A replayed dead letter came through the worker's queue; it keeps the routing key it
+        // was first published with.
+        let original_routing_key = match header(delivery, ORIGINAL_ROUTING_KEY_HEADER) {
+            Some(AMQPValue::LongString(key)) => {
+                String::from_utf8_lossy(key.as_bytes()).into_owned()
+            }
+            _ => delivery.routing_key.to_string(),
+        };
         let mut message = Outgoing::new(&exchange, &routing_key, &delivery.data)
             .header(REASON_HEADER, reason)
             .header("x-copilot-error", &detail)
-            .header("x-copilot-worker", worker.name())
-            .header("x-original-routing-key", delivery.routing_key.as_str());
+            .header(WORKER_HEADER, worker.name())
+            .header(DEAD_LETTERED_AT_HEADER, &events::now_rfc3339())
+            .header(ORIGINAL_ROUTING_KEY_HEADER, &original_routing_key);
         message.content_type = content_type
             .as_deref()
             .unwrap_or("application/octet-stream");

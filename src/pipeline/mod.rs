@@ -24,7 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use claim::Claim;
-pub use deliver::{ATTEMPTS_HEADER, REASON_HEADER};
+pub use deliver::{
+    ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
+    WORKER_HEADER,
+};
 use run::{Run, Spent};
 
 use crate::broker::{Publisher, Topology, TopologyKeeper};

@@ -2,6 +2,7 @@
 //! Each test gets its own database and its own exchange/queue prefix (see `support`).
 
 mod byok;
+mod dead_letters;
 mod faults;
 mod leak;
 mod ops;

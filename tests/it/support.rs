@@ -504,6 +504,23 @@ impl Harness {
         command
     }
 
+    /// Runs a `copilot-workers` command against this installation (its broker, database,
+    /// topology and master key) and returns what it did.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let s = &self.settings;
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
+            .args(args)
+            .env("COPILOT_DATABASE_URL", &s.database_url)
+            .env("COPILOT_AMQP_URL", &s.amqp_url)
+            .env("COPILOT_MASTER_KEY", &self.master_key)
+            .env("COPILOT_TOPOLOGY_PREFIX", &s.topology_prefix)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap()
+    }
+
     /// Collects results into `seen` until every one of `event_ids` has one, for at most
     /// `wait`; `seen` maps each source event id to the distinct result ids received for it.
     pub async fn collect(&mut self, seen: &mut SeenResults, event_ids: &[String], wait: Duration) {

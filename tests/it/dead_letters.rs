@@ -1,0 +1,232 @@
+//! `copilot-workers dead-letters`: an operator sees what was dead-lettered and why without
+//! taking it, and sends it back to its worker once the cause is fixed.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use serde_json::Value;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::{Harness, Options, completion, summary_output, ticket_event};
+
+const KEY: &str = "sk-replay-0123456789";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn said(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `dead-letters list --json`, one parsed document per dead letter.
+async fn listed(h: &Harness) -> Vec<Value> {
+    let output = h.cli(&["dead-letters", "list", "--json"]).await;
+    assert!(output.status.success(), "{}", said(&output));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// A provider outage exhausts an event's retries; once the provider is back, the operator
+/// lists the dead letters (which stay), then replays those of `retries_exhausted`: the event
+/// runs again under a new id, so downstream gets a completed result with a result id of its
+/// own, while the bad input stays dead-lettered and the failed run stays in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_without_taking_them_and_replayed_once_the_cause_is_fixed() {
+    let mut h = Harness::start().await; // max_attempts: 3
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&provider)
+        .await;
+    h.set_org("org_a", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    h.publish(&ticket_event("evt_outage", "org_a", "ticket.created"))
+        .await;
+    let (failed, _) = h.next_result(WAIT).await.expect("a failed result");
+    assert_eq!(
+        failed.data.error.as_ref().unwrap().class,
+        "retries_exhausted"
+    );
+    h.publish_raw(b"{not json", "ticket.created", None).await;
+    let dead_letters = h.topology.dead_letter_queue();
+    h.eventually(WAIT, "two dead letters", || async {
+        h.queue_depth(&dead_letters).await == 2
+    })
+    .await;
+
+    let letters = listed(&h).await;
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    let exhausted = &letters[0];
+    assert_eq!(exhausted["reason"], "retries_exhausted");
+    assert_eq!(exhausted["worker"], "summarize");
+    assert_eq!(exhausted["event_id"], "evt_outage");
+    assert_eq!(exhausted["org_id"], "org_a");
+    assert_eq!(exhausted["ticket_id"], "T-evt_outage");
+    assert_eq!(exhausted["routing_key"], "ticket.created");
+    assert!(
+        exhausted["dead_lettered_at"]
+            .as_str()
+            .is_some_and(|at| at.starts_with("20"))
+    );
+    assert_eq!(exhausted["body"]["id"], "evt_outage");
+    assert_eq!(letters[1]["reason"], "not_json");
+    assert_eq!(letters[1]["body"], "{not json");
+    // Listing takes nothing: what it read goes back as its channel closes (through the
+    // quorum queue's log, so not always by the time the command has exited).
+    h.eventually(
+        WAIT,
+        "the listed dead letters back on the queue",
+        || async { h.queue_depth(&dead_letters).await == 2 },
+    )
+    .await;
+
+    // Nothing is replayed unless the operator says which.
+    let refused = h.cli(&["dead-letters", "replay"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        said(&refused).contains("--reason R, --worker W, or --all"),
+        "{}",
+        said(&refused)
+    );
+
+    provider.reset().await;
+    let output = summary_output("Back after the outage.");
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&output)))
+        .mount(&provider)
+        .await;
+    let replayed = h
+        .cli(&["dead-letters", "replay", "--reason", "retries_exhausted"])
+        .await;
+    let text = said(&replayed);
+    assert!(replayed.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "evt_outage was decided as failed by summarize: replayed as evt_outage~replay1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("replayed 1 dead letter(s) (1 under a new id); 1 left"),
+        "{text}"
+    );
+
+    let (completed, _) = h
+        .next_result(WAIT)
+        .await
+        .expect("the replayed run's result");
+    assert!(completed.is_completed());
+    assert_eq!(completed.data.source_event_id, "evt_outage~replay1");
+    assert_eq!(completed.data.output.as_ref(), Some(&output));
+    assert_ne!(
+        completed.id, failed.id,
+        "downstream would drop a result id it has seen"
+    );
+    let left = listed(&h).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["reason"], "not_json");
+    let original = h
+        .store
+        .ledger_entry("evt_outage", "summarize")
+        .await
+        .unwrap();
+    assert_eq!(
+        original.map(|entry| entry.outcome).as_deref(),
+        Some("failed")
+    );
+
+    // Input still bad comes back, under the routing key it was first published with.
+    let again = h
+        .cli(&["dead-letters", "replay", "--reason", "not_json"])
+        .await;
+    assert!(again.status.success(), "{}", said(&again));
+    h.eventually(WAIT, "the bad input dead-lettered again", || async {
+        let letters = listed(&h).await;
+        letters.len() == 1 && letters[0]["dead_lettered_at"] != left[0]["dead_lettered_at"]
+    })
+    .await;
+    let letters = listed(&h).await;
+    assert_eq!(letters[0]["reason"], "not_json");
+    assert_eq!(letters[0]["routing_key"], "ticket.created");
+    h.finish().await;
+}
+
+/// The broker's own dead letter (an event past the delivery limit) carries no header of ours:
+/// it is named from the broker's `x-first-death-*` headers and replayed into its worker's
+/// queue, as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_past_the_delivery_limit_is_named_and_replayed_to_its_worker() {
+    let h = Harness::with(Options {
+        in_process: false, // nobody consumes: the test plays a worker that keeps failing
+        ..Options::default()
+    })
+    .await;
+    let event = ticket_event("evt_bounced", "org_a", "ticket.created");
+    h.publish(&event).await;
+    let queue = h.topology.worker_queue("summarize");
+    let connection = copilot_workers::broker::connect(&h.settings.amqp_url, "bouncer")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut deliveries = 0_u32;
+    while deliveries < 20 {
+        let Some(got) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        deliveries += 1;
+        got.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(deliveries, h.settings.delivery_limit + 1);
+    let dead_letters = h.topology.dead_letter_queue();
+    h.eventually(WAIT, "the broker's dead letter", || async {
+        h.queue_depth(&dead_letters).await == 1
+    })
+    .await;
+
+    let letters = listed(&h).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["reason"], "delivery_limit");
+    assert_eq!(letters[0]["worker"], "summarize");
+    assert_eq!(letters[0]["event_id"], "evt_bounced");
+    assert_eq!(letters[0]["routing_key"], "ticket.created");
+    assert!(
+        letters[0]["dead_lettered_at"].as_str().is_some(),
+        "{letters:#?}"
+    );
+    h.eventually(WAIT, "the listed dead letter back on the queue", || async {
+        h.queue_depth(&dead_letters).await == 1
+    })
+    .await;
+
+    let replayed = h
+        .cli(&["dead-letters", "replay", "--worker", "summarize"])
+        .await;
+    assert!(replayed.status.success(), "{}", said(&replayed));
+    assert!(said(&replayed).contains("replayed 1 dead letter(s) (0 under a new id)"));
+    assert_eq!(h.queue_depth(&dead_letters).await, 0);
+    let back = h.take_all(&queue).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(
+        back[0].data,
+        event.to_string().into_bytes(),
+        "replayed as it was"
+    );
+    connection.close(200, "done".into()).await.unwrap();
+    h.finish().await;
+}
