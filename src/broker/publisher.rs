@@ -29,8 +29,17 @@ pub enum PublishError {
     },
     #[error("the broker refused the message {0} times")]
     Nacked(u32),
-    #[error("broker unavailable: {0}")]
+    #[error("{trouble}: {err}", trouble = trouble(.0), err = .0)]
     Broker(#[from] lapin::Error),
+}
+
+/// What a lapin error means for a publish: a 404 is a missing exchange, not an outage.
+fn trouble(err: &lapin::Error) -> &'static str {
+    if super::is_not_found(err) {
+        "the broker has no such exchange"
+    } else {
+        "broker unavailable"
+    }
 }
 
 impl PublishError {
@@ -187,5 +196,34 @@ impl Publisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+
+    fn refused(soft: AMQPSoftError) -> PublishError {
+        let amqp = AMQPError::new(AMQPErrorKind::Soft(soft), "refused".into());
+        PublishError::Broker(lapin::ErrorKind::ProtocolError(amqp).into())
+    }
+
+    #[test]
+    fn a_missing_exchange_is_not_called_an_outage() {
+        let missing = refused(AMQPSoftError::NOTFOUND);
+        assert!(missing.topology_missing());
+        assert!(
+            missing
+                .to_string()
+                .starts_with("the broker has no such exchange: "),
+            "{missing}"
+        );
+        let other = refused(AMQPSoftError::ACCESSREFUSED);
+        assert!(!other.topology_missing());
+        assert!(
+            other.to_string().starts_with("broker unavailable: "),
+            "{other}"
+        );
     }
 }
