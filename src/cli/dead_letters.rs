@@ -24,7 +24,8 @@ use crate::broker::{self, Outgoing, PublishError, Publisher, Topology};
 use crate::config::Settings;
 use crate::events;
 use crate::pipeline::{
-    DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, WORKER_HEADER,
+    DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, TRACEPARENT_HEADER,
+    WORKER_HEADER,
 };
 use crate::store::Store;
 
@@ -269,9 +270,13 @@ async fn replay(settings: &Settings, topology: &Topology, args: ReplayArgs) -> a
         };
         let target = topology.worker_queue(worker);
         // The routing key it was first published with goes along, should it be dead-lettered
-        // again.
+        // again, and so does its trace.
         let mut message = Outgoing::new("", &target, body)
             .header(ORIGINAL_ROUTING_KEY_HEADER, &letter.routing_key);
+        let headers = delivery.properties.headers().as_ref();
+        if let Some(traceparent) = headers.and_then(|h| text_header(h, TRACEPARENT_HEADER)) {
+            message = message.header(TRACEPARENT_HEADER, &traceparent);
+        }
         let content_type = delivery.properties.content_type().as_ref();
         message.content_type = content_type.map_or(events::CLOUDEVENTS_JSON, |ct| ct.as_str());
         match publisher.publish(&message).await {

@@ -22,6 +22,8 @@ pub const ATTEMPTS_HEADER: &str = "x-copilot-attempts";
 pub const REASON_HEADER: &str = "x-copilot-reason";
 /// Header naming the worker that dead-lettered a delivery (where a replay sends it back).
 pub const WORKER_HEADER: &str = "x-copilot-worker";
+/// The W3C trace context header, read from events and written to what they cause.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Header giving the routing key a dead-lettered event was first published with.
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 /// Header giving when a delivery was dead-lettered (RFC 3339, UTC).
@@ -36,7 +38,7 @@ impl Pipeline {
         message.content_type = events::CLOUDEVENTS_JSON;
         message.message_id = Some(&entry.result_id);
         if let Some(traceparent) = traceparent(delivery) {
-            message = message.header("traceparent", &traceparent);
+            message = message.header(TRACEPARENT_HEADER, &traceparent);
         }
         let step = std::time::Instant::now();
         match self.publish_held(&message, "result").await {
@@ -90,6 +92,10 @@ impl Pipeline {
         message.content_type = content_type
             .as_deref()
             .unwrap_or("application/octet-stream");
+        // The trace goes on: through the dead letter, and a replay of it.
+        if let Some(traceparent) = traceparent(delivery) {
+            message = message.header(TRACEPARENT_HEADER, &traceparent);
+        }
         match self.publish_held(&message, "dead_letter").await {
             Ok(()) => {
                 metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.name().to_owned(),
@@ -209,7 +215,7 @@ fn header(delivery: &Delivery, name: &str) -> Option<AMQPValue> {
 
 /// A well-formed W3C `traceparent` header, if the input carries one.
 pub(super) fn traceparent(delivery: &Delivery) -> Option<String> {
-    let text = match header(delivery, "traceparent")? {
+    let text = match header(delivery, TRACEPARENT_HEADER)? {
         AMQPValue::LongString(text) => String::from_utf8(text.as_bytes().to_vec()).ok()?,
         AMQPValue::ShortString(text) => text.as_str().to_owned(),
         _ => return None,

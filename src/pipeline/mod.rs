@@ -26,7 +26,7 @@ use tracing::Instrument;
 use claim::Claim;
 pub use deliver::{
     ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
-    WORKER_HEADER,
+    TRACEPARENT_HEADER, WORKER_HEADER,
 };
 use run::{Run, Spent};
 

@@ -8,10 +8,13 @@ use serde_json::Value;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{Harness, Options, completion, summary_output, ticket_event};
+use copilot_workers::broker::Outgoing;
+
+use crate::support::{Harness, Options, completion, header, summary_output, ticket_event};
 
 const KEY: &str = "sk-replay-0123456789";
 const WAIT: Duration = Duration::from_secs(20);
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn said(output: &std::process::Output) -> String {
     format!(
@@ -167,7 +170,11 @@ async fn an_event_past_the_delivery_limit_is_named_and_replayed_to_its_worker() 
     })
     .await;
     let event = ticket_event("evt_bounced", "org_a", "ticket.created");
-    h.publish(&event).await;
+    let body = event.to_string();
+    let exchange = h.topology.events_exchange();
+    let traced = Outgoing::new(&exchange, "ticket.created", body.as_bytes())
+        .header("traceparent", TRACEPARENT);
+    h.publish_message(&traced).await;
     let queue = h.topology.worker_queue("summarize");
     let connection = copilot_workers::broker::connect(&h.settings.amqp_url, "bouncer")
         .await
@@ -222,10 +229,14 @@ async fn an_event_past_the_delivery_limit_is_named_and_replayed_to_its_worker() 
     assert_eq!(h.queue_depth(&dead_letters).await, 0);
     let back = h.take_all(&queue).await;
     assert_eq!(back.len(), 1);
+    assert_eq!(back[0].data, body.into_bytes(), "replayed as it was");
     assert_eq!(
-        back[0].data,
-        event.to_string().into_bytes(),
-        "replayed as it was"
+        header(&back[0], "traceparent").as_deref(),
+        Some(TRACEPARENT)
+    );
+    assert_eq!(
+        header(&back[0], "x-original-routing-key").as_deref(),
+        Some("ticket.created")
     );
     connection.close(200, "done".into()).await.unwrap();
     h.finish().await;

@@ -286,7 +286,7 @@ async fn a_changed_delivery_limit_is_refused_at_start_with_what_to_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traceparent_travels_from_the_event_to_its_result() {
+async fn traceparent_travels_from_the_event_to_its_result_and_dead_letter() {
     let mut h = Harness::start().await;
     let provider = provider_for(KEY, &summary_output("traced")).await;
     h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
@@ -310,6 +310,16 @@ async fn traceparent_travels_from_the_event_to_its_result() {
         &carried[3..35],
         "4bf92f3577b34da6a3ce929d0e0e4736",
         "same trace id"
+    );
+
+    // Bad input keeps its trace in its dead letter.
+    let mut bad = copilot_workers::broker::Outgoing::new(&exchange, "ticket.created", b"{oops");
+    bad.headers = message.headers.clone();
+    h.publish_message(&bad).await;
+    let dead = h.wait_dead_letters(1, WAIT).await;
+    assert_eq!(
+        crate::support::header(&dead[0], "traceparent").as_deref(),
+        Some(traceparent)
     );
     h.finish().await;
 }
