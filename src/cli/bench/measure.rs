@@ -54,6 +54,37 @@ pub fn broker_note(before: Option<f64>, after: Option<f64>, events: usize) -> St
     }
 }
 
+/// Context switches (voluntary and not) of every thread of a process so far, from
+/// `/proc/PID/task/*/status`. On a small VM each one is dear: a thread that sleeps and is
+/// woken for every hand-off costs more than the hand-off.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .filter(|line| line.contains("ctxt_switches:"))
+            .filter_map(|line| line.rsplit(char::is_whitespace).next()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
+/// A note on a process's context switches per event between two [`context_switches`]
+/// readings; empty when either is missing.
+pub fn switches_note(who: &str, before: Option<u64>, after: Option<u64>, events: usize) -> String {
+    match (before, after) {
+        (Some(before), Some(after)) if events > 0 => format!(
+            "; {who} threads switched {:.2} times per event",
+            after.saturating_sub(before) as f64 / events as f64
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The mean of a Prometheus histogram (sum / count) over the label sets whose line contains
 /// `only`.
 pub fn histogram_mean(page: &str, name: &str, only: &str) -> Option<f64> {
@@ -168,5 +199,18 @@ mod tests {
     fn this_process_has_stats() {
         let (cpu, rss) = process_stats(std::process::id()).unwrap();
         assert!(cpu >= 0.0 && rss > 1.0);
+        let before = context_switches(std::process::id()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let after = context_switches(std::process::id()).unwrap();
+        assert!(after > before, "a sleep is a switch: {before} → {after}");
+    }
+
+    #[test]
+    fn the_switches_note_is_per_event_or_nothing() {
+        assert_eq!(
+            switches_note("the worker's", Some(100), Some(350), 100),
+            "; the worker's threads switched 2.50 times per event"
+        );
+        assert_eq!(switches_note("the worker's", None, Some(350), 100), "");
     }
 }

@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use super::Row;
 use super::measure::{
-    broker_cpu, broker_note, histogram_mean, histogram_quantile, process_stats, rates,
-    reset_peak_rss,
+    broker_cpu, broker_note, context_switches, histogram_mean, histogram_quantile, process_stats,
+    rates, reset_peak_rss, switches_note,
 };
 use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
 use crate::config::{EndpointPolicy, Settings};
@@ -290,6 +290,7 @@ impl Bench {
         let started = Instant::now();
         let (cpu_before, _) = process_stats(std::process::id()).unwrap_or_default();
         let broker_before = broker_cpu();
+        let switches_before = context_switches(std::process::id());
         let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let pace = rate.map(|rate| {
             let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
@@ -330,6 +331,7 @@ impl Bench {
             .await?;
         let (cpu_after, _) = process_stats(std::process::id()).unwrap_or_default();
         let broker_after = broker_cpu();
+        let switches_after = context_switches(std::process::id());
         shutdown.cancel();
         let _ = consume.await;
         tracker.close();
@@ -351,7 +353,8 @@ impl Bench {
                 "broker only{paced}; CPU is the bench process (consumer, publisher and result \
                  listener); results {size} bytes{broker}",
                 paced = rate.map_or(String::new(), |rate| format!(", paced at {rate}/s")),
-                broker = broker_note(broker_before, broker_after, n),
+                broker = broker_note(broker_before, broker_after, n)
+                    + &switches_note("the bench process's", switches_before, switches_after, n),
             ),
             ..Row::default()
         })
@@ -455,6 +458,7 @@ impl Bench {
         reset_peak_rss(pid);
         let (cpu_before, _) = process_stats(pid).unwrap_or_default();
         let broker_before = broker_cpu();
+        let switches_before = context_switches(pid);
         let pacer = pace.map(|rate| {
             let mut sender = self.sender(&topology, phase);
             sender.sent = Some(arrivals.clone());
@@ -473,6 +477,7 @@ impl Bench {
         }
         let (cpu_after, peak) = process_stats(pid).unwrap_or_default();
         let broker_after = broker_cpu();
+        let switches_after = context_switches(pid);
         let page = get(&http, port, "/metrics").await?;
         let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.5);
         let p99 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.99);
@@ -518,11 +523,12 @@ impl Bench {
             .collect();
         let mut note = format!(
             "{} calls answered by the fake provider; results {size} bytes; step p99 ms: {}; \
-             events per ledger statement: {}{}",
+             events per ledger statement: {}{}{}",
             fake.requests(),
             steps.join(", "),
             batches.join(", "),
             broker_note(broker_before, broker_after, n),
+            switches_note("the worker's", switches_before, switches_after, n),
         );
         if let Some(rate) = pace {
             latencies.sort();
