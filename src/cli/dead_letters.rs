@@ -1,12 +1,14 @@
-//! `copilot-workers dead-letters list|replay`: see what was dead-lettered and why, and send it
-//! back to its worker once the cause is fixed (a provider outage over, a template mended).
+//! `copilot-workers dead-letters list|replay|purge`: see what was dead-lettered and why, send it
+//! back to its worker once the cause is fixed (a provider outage over, a template mended), or
+//! delete it for good.
 //!
 //! `list` reads without taking: it gets messages unacknowledged and then closes its channel,
 //! which returns them to the queue (the dead-letter queue has no delivery limit to count
 //! towards). `replay` publishes a dead letter straight to the queue of the worker that gave it
 //! up, not through `tickets.events` (which would run every worker again), waits for the
 //! broker's confirm, and only then acks the dead letter: a replay cut short loses nothing, and
-//! one run twice is answered by the worker's ledger.
+//! one run twice is answered by the worker's ledger. `purge` acks what it selects. Both take
+//! only what the operator selected; the rest goes back with the channel.
 //!
 //! An event whose run the ledger holds as failed (`retries_exhausted`) would only get that
 //! failed result back under its id, so it is replayed under a new id, `<id>~replay<n>`, which
@@ -33,9 +35,12 @@ use crate::store::Store;
 pub enum DeadLettersCommand {
     /// Show dead letters, oldest first, without taking them off the queue.
     List(ListArgs),
-    /// Send dead letters back to the worker that dead-lettered them (say which: --reason,
+    /// Send dead letters back to the worker that dead-lettered them, once the cause is fixed
+    /// (say which: --reason, --worker, or --all).
+    Replay(Selection),
+    /// Delete dead letters for good, say bad input already looked at (say which: --reason,
     /// --worker, or --all).
-    Replay(ReplayArgs),
+    Purge(Selection),
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,8 +53,9 @@ pub struct ListArgs {
     pub json: bool,
 }
 
+/// Which dead letters `replay` or `purge` takes, oldest first.
 #[derive(Debug, clap::Args)]
-pub struct ReplayArgs {
+pub struct Selection {
     /// Only dead letters with one of these reasons (comma-separated), e.g.
     /// `retries_exhausted,delivery_limit`.
     #[arg(long, value_delimiter = ',')]
@@ -60,7 +66,7 @@ pub struct ReplayArgs {
     /// Every dead letter, whatever its reason or worker.
     #[arg(long)]
     pub all: bool,
-    /// Replay at most this many.
+    /// Take at most this many.
     #[arg(long)]
     pub count: Option<u64>,
 }
@@ -69,7 +75,20 @@ pub async fn run(settings: &Settings, command: DeadLettersCommand) -> anyhow::Re
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     match command {
         DeadLettersCommand::List(args) => list(settings, &topology, args).await,
-        DeadLettersCommand::Replay(args) => replay(settings, &topology, args).await,
+        DeadLettersCommand::Replay(selection) => {
+            selection.check()?;
+            let store = Store::connect(&settings.database_url, 1)?;
+            let link = broker::Link::open(&settings.amqp_url, "copilot-workers replay").await?;
+            let publisher = Publisher::new(link.clone()).await?;
+            let replayer = Replayer { store, publisher };
+            let taken = take(settings, &topology, selection, Some(replayer)).await;
+            link.close().await;
+            taken
+        }
+        DeadLettersCommand::Purge(selection) => {
+            selection.check()?;
+            take(settings, &topology, selection, None).await
+        }
     }
 }
 
@@ -219,7 +238,18 @@ fn print_letter(letter: &DeadLetter) {
     }
 }
 
-impl ReplayArgs {
+impl Selection {
+    /// Nothing is taken unless the operator said which.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.reason.is_empty() && self.worker.is_none() && !self.all {
+            anyhow::bail!(
+                "say which dead letters: --reason R, --worker W, or --all (`copilot-workers \
+                 dead-letters list` shows them)"
+            );
+        }
+        Ok(())
+    }
+
     fn selects(&self, letter: &DeadLetter) -> bool {
         (self.reason.is_empty() || self.reason.contains(&letter.reason))
             && self
@@ -229,41 +259,30 @@ impl ReplayArgs {
     }
 }
 
-async fn replay(settings: &Settings, topology: &Topology, args: ReplayArgs) -> anyhow::Result<()> {
-    if args.reason.is_empty() && args.worker.is_none() && !args.all {
-        anyhow::bail!("say which dead letters to replay: --reason R, --worker W, or --all");
-    }
-    let store = Store::connect(&settings.database_url, 1)?;
-    let link = broker::Link::open(&settings.amqp_url, "copilot-workers dead-letters").await?;
-    let queue = topology.dead_letter_queue();
-    let total = depth(&link, &queue).await?;
-    let publisher = Publisher::new(link.clone()).await?;
-    let channel = link.connection().await.create_channel().await?;
-    let (mut replayed, mut renamed, mut left) = (0_u64, 0_u64, 0_u64);
-    // Only the messages there at the start: one replayed and dead-lettered again comes after
-    // them, and is not met twice.
-    for _ in 0..total {
-        if args.count.is_some_and(|count| replayed >= count) {
-            break;
-        }
-        let Some(delivery) = next(&channel, &queue).await? else {
-            break;
-        };
-        let letter = DeadLetter::read(&delivery, topology);
-        // Not selected, or no worker to send it to: held unacked until the channel closes,
-        // which returns it.
-        let Some(worker) = letter.worker.as_deref().filter(|_| args.selects(&letter)) else {
-            left += 1;
-            continue;
-        };
-        let fresh = fresh_id(&store, &delivery.data, worker).await?;
+/// What `replay` needs besides the queue: the ledger (is the run decided as failed?) and a
+/// confirmed publisher.
+struct Replayer {
+    store: Store,
+    publisher: Publisher,
+}
+
+impl Replayer {
+    /// Publishes the dead letter to its worker's queue, confirmed; true when it went under a
+    /// new id.
+    async fn send(
+        &self,
+        topology: &Topology,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+        worker: &str,
+    ) -> anyhow::Result<bool> {
+        let fresh = fresh_id(&self.store, &delivery.data, worker).await?;
         let body = match &fresh {
             Some(fresh) => {
                 println!(
                     "{} was decided as failed by {worker}: replayed as {}",
                     fresh.original, fresh.id
                 );
-                renamed += 1;
                 fresh.body.as_slice()
             }
             None => delivery.data.as_slice(),
@@ -279,34 +298,86 @@ async fn replay(settings: &Settings, topology: &Topology, args: ReplayArgs) -> a
         }
         let content_type = delivery.properties.content_type().as_ref();
         message.content_type = content_type.map_or(events::CLOUDEVENTS_JSON, |ct| ct.as_str());
-        match publisher.publish(&message).await {
-            Ok(()) => {}
-            Err(PublishError::Unroutable { .. }) => anyhow::bail!(
-                "queue {target} does not exist (is the `{worker}` worker deployed?); \
-                 {replayed} replayed before it, the rest left on {queue}"
-            ),
-            Err(err) => return Err(err).context(format!("{replayed} replayed before this")),
+        match self.publisher.publish(&message).await {
+            Ok(()) => Ok(fresh.is_some()),
+            Err(PublishError::Unroutable { .. }) => Err(anyhow::anyhow!(
+                "queue {target} does not exist (is the `{worker}` worker deployed?)"
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+/// `replay` (with a [`Replayer`]) or `purge` (without): takes the selected dead letters off
+/// the queue, each acked only once it was replayed.
+async fn take(
+    settings: &Settings,
+    topology: &Topology,
+    selection: Selection,
+    replayer: Option<Replayer>,
+) -> anyhow::Result<()> {
+    let verb = if replayer.is_some() {
+        "replayed"
+    } else {
+        "purged"
+    };
+    let link = broker::Link::open(&settings.amqp_url, "copilot-workers dead-letters").await?;
+    let queue = topology.dead_letter_queue();
+    let total = depth(&link, &queue).await?;
+    let channel = link.connection().await.create_channel().await?;
+    let (mut taken, mut renamed, mut passed) = (0_u64, 0_u64, 0_u64);
+    // Only the messages there at the start: one replayed and dead-lettered again comes after
+    // them, and is not met twice.
+    for _ in 0..total {
+        if selection.count.is_some_and(|count| taken >= count) {
+            break;
+        }
+        let Some(delivery) = next(&channel, &queue).await? else {
+            break;
+        };
+        let letter = DeadLetter::read(&delivery, topology);
+        // Passed over (not selected, or no worker to replay it to): held unacked until the
+        // channel closes, which returns it.
+        if !selection.selects(&letter) {
+            passed += 1;
+            continue;
+        }
+        if let Some(replayer) = &replayer {
+            let Some(worker) = letter.worker.as_deref() else {
+                passed += 1;
+                continue;
+            };
+            let sent = replayer.send(topology, &delivery, &letter, worker).await;
+            if sent
+                .with_context(|| format!("{taken} {verb} before it, the rest left on {queue}"))?
+            {
+                renamed += 1;
+            }
         }
         if !matches!(
             delivery.acker.ack(BasicAckOptions::default()).await,
             Ok(true)
         ) {
             anyhow::bail!(
-                "the broker connection was lost after {} replayed: the last one is still on \
-                 {queue} too, and a second replay of it is answered by the worker's ledger",
-                replayed + 1
+                "the broker connection was lost after {taken} {verb}: the next one is still on \
+                 {queue} (a second replay of one is answered by the worker's ledger)"
             );
         }
-        replayed += 1;
+        taken += 1;
     }
-    let _ = channel.close(200, "replayed".into()).await;
+    let _ = channel.close(200, verb.into()).await;
     link.close().await;
+    let renamed = if replayer.is_some() {
+        format!(" ({renamed} under a new id)")
+    } else {
+        String::new()
+    };
     println!(
-        "replayed {replayed} dead letter(s) ({renamed} under a new id); {} left on {queue}",
-        u64::from(total).saturating_sub(replayed)
+        "{verb} {taken} dead letter(s){renamed}; {} left on {queue}",
+        u64::from(total).saturating_sub(taken)
     );
-    if left > 0 && !args.all {
-        eprintln!("{left} did not match (see `copilot-workers dead-letters list`)");
+    if passed > 0 && !selection.all {
+        eprintln!("{passed} did not match (see `copilot-workers dead-letters list`)");
     }
     Ok(())
 }

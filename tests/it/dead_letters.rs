@@ -39,7 +39,7 @@ async fn listed(h: &Harness) -> Vec<Value> {
 /// runs again under a new id, so downstream gets a completed result with a result id of its
 /// own, while the bad input stays dead-lettered and the failed run stays in the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_are_listed_without_taking_them_and_replayed_once_the_cause_is_fixed() {
+async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_fixed_and_purged() {
     let mut h = Harness::start().await; // max_attempts: 3
     let provider = MockServer::start().await;
     Mock::given(method("POST"))
@@ -156,6 +156,40 @@ async fn dead_letters_are_listed_without_taking_them_and_replayed_once_the_cause
     let letters = listed(&h).await;
     assert_eq!(letters[0]["reason"], "not_json");
     assert_eq!(letters[0]["routing_key"], "ticket.created");
+
+    // Looked at, it can go for good; a purge, too, takes only what it is told to.
+    h.eventually(WAIT, "the listed dead letter back on the queue", || async {
+        h.queue_depth(&dead_letters).await == 1
+    })
+    .await;
+    let kept = h
+        .cli(&["dead-letters", "purge", "--reason", "oversized"])
+        .await;
+    assert!(
+        said(&kept).contains("purged 0 dead letter(s); 1 left"),
+        "{}",
+        said(&kept)
+    );
+    h.eventually(
+        WAIT,
+        "the passed-over dead letter back on the queue",
+        || async { h.queue_depth(&dead_letters).await == 1 },
+    )
+    .await;
+    let purged = h
+        .cli(&["dead-letters", "purge", "--reason", "not_json"])
+        .await;
+    assert!(purged.status.success(), "{}", said(&purged));
+    assert!(
+        said(&purged).contains("purged 1 dead letter(s); 0 left"),
+        "{}",
+        said(&purged)
+    );
+    h.eventually(WAIT, "an empty dead-letter queue", || async {
+        h.queue_depth(&dead_letters).await == 0
+    })
+    .await;
+    assert!(listed(&h).await.is_empty());
     h.finish().await;
 }
 
