@@ -47,7 +47,8 @@ pub enum Command {
     /// Watch results as a downstream consumer receives them (a queue of its own, deleted on
     /// exit).
     Results(results::ResultsArgs),
-    /// Inspect dead letters, and send them back to their worker once the cause is fixed.
+    /// Inspect dead letters; send them back to their worker once the cause is fixed, or purge
+    /// them.
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLettersCommand),
     /// The whole loop on this machine with a built-in fake provider; no API key needed.
