@@ -19,9 +19,10 @@ pub fn process_stats(pid: u32) -> Option<(f64, f64)> {
     Some((ticks / 100.0, hwm_kb / 1024.0))
 }
 
-/// CPU seconds (user + system) of the local RabbitMQ: every process named `beam.smp` (the
-/// Erlang VM it runs in). `None` when there is none here (a remote broker).
-pub fn broker_cpu() -> Option<f64> {
+/// CPU seconds (user + system) of every local process named `comm`: `beam.smp` is the Erlang
+/// VM RabbitMQ runs in, `postgres` every Postgres process. `None` when there is none here (a
+/// remote server).
+pub fn cpu_of(comm: &str) -> Option<f64> {
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
@@ -31,8 +32,8 @@ pub fn broker_cpu() -> Option<f64> {
         else {
             continue;
         };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "beam.smp" {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if name.trim() != comm {
             continue;
         }
         if let Some((cpu, _)) = process_stats(pid) {
@@ -42,12 +43,17 @@ pub fn broker_cpu() -> Option<f64> {
     total
 }
 
-/// A note on the broker's CPU per event between two [`broker_cpu`] readings; empty when the
-/// broker is not a local process.
-pub fn broker_note(before: Option<f64>, after: Option<f64>, events: usize) -> String {
+/// The local RabbitMQ's processes.
+pub const BROKER: &str = "beam.smp";
+/// The local Postgres' processes.
+pub const POSTGRES: &str = "postgres";
+
+/// A note on `who`'s CPU per event between two CPU readings (seconds); empty when either is
+/// missing (a remote server).
+pub fn cpu_note(who: &str, before: Option<f64>, after: Option<f64>, events: usize) -> String {
     match (before, after) {
         (Some(before), Some(after)) if events > 0 => format!(
-            "; the broker's CPU {:.3} ms per event",
+            "; {who} CPU {:.3} ms per event",
             (after - before) * 1000.0 / events as f64
         ),
         _ => String::new(),
@@ -186,13 +192,13 @@ mod tests {
     }
 
     #[test]
-    fn the_broker_note_is_its_cpu_per_event_or_nothing() {
+    fn the_cpu_note_is_per_event_or_nothing() {
         assert_eq!(
-            broker_note(Some(10.0), Some(12.5), 10_000),
+            cpu_note("the broker's", Some(10.0), Some(12.5), 10_000),
             "; the broker's CPU 0.250 ms per event"
         );
-        assert_eq!(broker_note(None, Some(12.5), 10_000), "");
-        assert_eq!(broker_note(Some(10.0), Some(12.5), 0), "");
+        assert_eq!(cpu_note("the broker's", None, Some(12.5), 10_000), "");
+        assert_eq!(cpu_note("the broker's", Some(10.0), Some(12.5), 0), "");
     }
 
     #[test]

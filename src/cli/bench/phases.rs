@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use super::Row;
 use super::measure::{
-    broker_cpu, broker_note, context_switches, histogram_mean, histogram_quantile, process_stats,
-    rates, reset_peak_rss, switches_note,
+    BROKER, POSTGRES, context_switches, cpu_note, cpu_of, histogram_mean, histogram_quantile,
+    process_stats, rates, reset_peak_rss, switches_note,
 };
 use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
 use crate::config::{EndpointPolicy, Settings};
@@ -289,7 +289,7 @@ impl Bench {
         let exchange = Arc::new(topology.results_exchange());
         let started = Instant::now();
         let (cpu_before, _) = process_stats(std::process::id()).unwrap_or_default();
-        let broker_before = broker_cpu();
+        let broker_before = cpu_of(BROKER);
         let switches_before = context_switches(std::process::id());
         let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let pace = rate.map(|rate| {
@@ -330,7 +330,7 @@ impl Bench {
         self.wait_for(label, &arrivals, n, Duration::from_secs(600))
             .await?;
         let (cpu_after, _) = process_stats(std::process::id()).unwrap_or_default();
-        let broker_after = broker_cpu();
+        let broker_after = cpu_of(BROKER);
         let switches_after = context_switches(std::process::id());
         shutdown.cancel();
         let _ = consume.await;
@@ -353,7 +353,7 @@ impl Bench {
                 "broker only{paced}; CPU is the bench process (consumer, publisher and result \
                  listener); results {size} bytes{broker}",
                 paced = rate.map_or(String::new(), |rate| format!(", paced at {rate}/s")),
-                broker = broker_note(broker_before, broker_after, n)
+                broker = cpu_note("the broker's", broker_before, broker_after, n)
                     + &switches_note("the bench process's", switches_before, switches_after, n),
             ),
             ..Row::default()
@@ -457,7 +457,9 @@ impl Bench {
         };
         reset_peak_rss(pid);
         let (cpu_before, _) = process_stats(pid).unwrap_or_default();
-        let broker_before = broker_cpu();
+        let broker_before = cpu_of(BROKER);
+        let postgres_before = cpu_of(POSTGRES);
+        let (bench_before, _) = process_stats(std::process::id()).unwrap_or_default();
         let switches_before = context_switches(pid);
         let pacer = pace.map(|rate| {
             let mut sender = self.sender(&topology, phase);
@@ -476,7 +478,9 @@ impl Bench {
             pacer.abort();
         }
         let (cpu_after, peak) = process_stats(pid).unwrap_or_default();
-        let broker_after = broker_cpu();
+        let broker_after = cpu_of(BROKER);
+        let postgres_after = cpu_of(POSTGRES);
+        let (bench_after, _) = process_stats(std::process::id()).unwrap_or_default();
         let switches_after = context_switches(pid);
         let page = get(&http, port, "/metrics").await?;
         let p50 = histogram_quantile(&page, crate::telemetry::WORKER_OVERHEAD, "", 0.5);
@@ -523,11 +527,18 @@ impl Bench {
             .collect();
         let mut note = format!(
             "{} calls answered by the fake provider; results {size} bytes; step p99 ms: {}; \
-             events per ledger statement: {}{}{}",
+             events per ledger statement: {}{}{}{}{}",
             fake.requests(),
             steps.join(", "),
             batches.join(", "),
-            broker_note(broker_before, broker_after, n),
+            cpu_note("the broker's", broker_before, broker_after, n),
+            cpu_note("Postgres'", postgres_before, postgres_after, n),
+            cpu_note(
+                "the bench process's",
+                Some(bench_before),
+                Some(bench_after),
+                n
+            ),
             switches_note("the worker's", switches_before, switches_after, n),
         );
         if let Some(rate) = pace {
