@@ -45,6 +45,8 @@ pub enum DeadLettersCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
+    #[command(flatten)]
+    pub filter: Filter,
     /// Show at most this many.
     #[arg(long, default_value_t = 20)]
     pub count: u32,
@@ -53,9 +55,9 @@ pub struct ListArgs {
     pub json: bool,
 }
 
-/// Which dead letters `replay` or `purge` takes, oldest first.
+/// Which dead letters a command is about.
 #[derive(Debug, clap::Args)]
-pub struct Selection {
+pub struct Filter {
     /// Only dead letters with one of these reasons (comma-separated), e.g.
     /// `retries_exhausted,delivery_limit`.
     #[arg(long, value_delimiter = ',')]
@@ -63,6 +65,27 @@ pub struct Selection {
     /// Only dead letters of this worker.
     #[arg(long)]
     pub worker: Option<String>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.reason.is_empty() && self.worker.is_none()
+    }
+
+    fn selects(&self, letter: &DeadLetter) -> bool {
+        (self.reason.is_empty() || self.reason.contains(&letter.reason))
+            && self
+                .worker
+                .as_ref()
+                .is_none_or(|worker| letter.worker.as_ref() == Some(worker))
+    }
+}
+
+/// Which dead letters `replay` or `purge` takes, oldest first.
+#[derive(Debug, clap::Args)]
+pub struct Selection {
+    #[command(flatten)]
+    pub filter: Filter,
     /// Every dead letter, whatever its reason or worker.
     #[arg(long)]
     pub all: bool,
@@ -193,13 +216,18 @@ async fn list(settings: &Settings, topology: &Topology, args: ListArgs) -> anyho
     let queue = topology.dead_letter_queue();
     let total = depth(&link, &queue).await?;
     let channel = link.connection().await.create_channel().await?;
-    let mut shown = 0;
-    while shown < args.count.min(total) {
+    let (mut shown, mut read) = (0, 0);
+    // Every message read stays unacked on this channel until it closes, so none is read twice.
+    while shown < args.count && read < total {
         let Some(delivery) = next(&channel, &queue).await? else {
             break;
         };
-        shown += 1;
+        read += 1;
         let letter = DeadLetter::read(&delivery, topology);
+        if !args.filter.selects(&letter) {
+            continue;
+        }
+        shown += 1;
         if args.json {
             let mut document = serde_json::to_value(&letter)?;
             document["body"] = serde_json::from_slice(&delivery.data).unwrap_or_else(|_| {
@@ -213,7 +241,12 @@ async fn list(settings: &Settings, topology: &Topology, args: ListArgs) -> anyho
     // Closing the channel returns every message it got: nothing was taken.
     let _ = channel.close(200, "listed".into()).await;
     link.close().await;
-    eprintln!("{queue}: {total} dead letter(s), {shown} shown, all left on the queue");
+    let matching = if args.filter.is_empty() {
+        String::new()
+    } else {
+        format!(" ({read} read to find them)")
+    };
+    eprintln!("{queue}: {total} dead letter(s), {shown} shown{matching}, all left on the queue");
     Ok(())
 }
 
@@ -241,21 +274,13 @@ fn print_letter(letter: &DeadLetter) {
 impl Selection {
     /// Nothing is taken unless the operator said which.
     fn check(&self) -> anyhow::Result<()> {
-        if self.reason.is_empty() && self.worker.is_none() && !self.all {
+        if self.filter.is_empty() && !self.all {
             anyhow::bail!(
                 "say which dead letters: --reason R, --worker W, or --all (`copilot-workers \
                  dead-letters list` shows them)"
             );
         }
         Ok(())
-    }
-
-    fn selects(&self, letter: &DeadLetter) -> bool {
-        (self.reason.is_empty() || self.reason.contains(&letter.reason))
-            && self
-                .worker
-                .as_ref()
-                .is_none_or(|worker| letter.worker.as_ref() == Some(worker))
     }
 }
 
@@ -338,7 +363,7 @@ async fn take(
         let letter = DeadLetter::read(&delivery, topology);
         // Passed over (not selected, or no worker to replay it to): held unacked until the
         // channel closes, which returns it.
-        if !selection.selects(&letter) {
+        if !selection.filter.selects(&letter) {
             passed += 1;
             continue;
         }

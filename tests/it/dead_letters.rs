@@ -87,6 +87,24 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
         || async { h.queue_depth(&dead_letters).await == 2 },
     )
     .await;
+    // The list can be narrowed, to find a few among many.
+    let output = h
+        .cli(&["dead-letters", "list", "--json", "--reason", "not_json"])
+        .await;
+    let narrowed: Vec<&str> = std::str::from_utf8(&output.stdout)
+        .unwrap()
+        .lines()
+        .collect();
+    assert_eq!(narrowed.len(), 1, "{}", said(&output));
+    assert!(
+        narrowed[0].contains("\"reason\":\"not_json\""),
+        "{}",
+        narrowed[0]
+    );
+    h.eventually(WAIT, "the narrowed list's dead letters back", || async {
+        h.queue_depth(&dead_letters).await == 2
+    })
+    .await;
 
     // Nothing is replayed unless the operator says which.
     let refused = h.cli(&["dead-letters", "replay"]).await;
