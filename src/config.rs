@@ -91,6 +91,14 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_SHUTDOWN_GRACE_SECS", global = true)]
     pub shutdown_grace_secs: Option<u64>,
 
+    /// Also dead-letter an event whose run failed for good (`provider_auth`,
+    /// `provider_quota`, `provider_bad_request`, `invalid_output`, …; the class is the
+    /// reason) after its failed result, so that `dead-letters replay` can run it again once
+    /// the org has fixed its key, quota or model. Default: false (the failed result only;
+    /// events whose retries ran out are always dead-lettered).
+    #[arg(long, env = "COPILOT_DEAD_LETTER_FAILURES", global = true)]
+    pub dead_letter_failures: Option<bool>,
+
     /// Days a decided result stays in the ledger; older ones are deleted every hour, their
     /// provider usage kept as daily totals. An event redelivered after that is processed
     /// again. 0 keeps every result forever. Default: 90.
@@ -136,6 +144,7 @@ pub struct Settings {
     pub provider_timeout: Duration,
     pub provider_max_attempts: u32,
     pub shutdown_grace: Duration,
+    pub dead_letter_failures: bool,
     /// 0: never prune.
     pub ledger_retention_days: u32,
     pub log_format: LogFormat,
@@ -184,6 +193,7 @@ impl SettingsArgs {
             provider_timeout_secs,
             provider_max_attempts,
             shutdown_grace_secs,
+            dead_letter_failures,
             ledger_retention_days,
             log_format
         );
@@ -258,6 +268,7 @@ impl SettingsArgs {
             provider_timeout: Duration::from_secs(args.provider_timeout_secs.unwrap_or(60)),
             provider_max_attempts,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.unwrap_or(25)),
+            dead_letter_failures: args.dead_letter_failures.unwrap_or(false),
             ledger_retention_days: args.ledger_retention_days.unwrap_or(90),
             log_format: args.log_format.unwrap_or_default(),
             admin_token: args.admin_token.or_else(|| {

@@ -144,6 +144,7 @@ pub async fn run(
         topology: topology.clone(),
         keeper: keeper.clone(),
         max_event_bytes: settings.max_event_bytes,
+        dead_letter_failures: settings.dead_letter_failures,
         retry: RetryPolicy {
             max_attempts: settings.provider_max_attempts,
             ..RetryPolicy::default()

@@ -56,6 +56,9 @@ pub struct Pipeline {
     /// Declares the topology again when a publish finds part of it missing.
     pub keeper: Arc<TopologyKeeper>,
     pub max_event_bytes: usize,
+    /// Dead-letter events whose run failed for good too, not only those whose retries ran
+    /// out (`COPILOT_DEAD_LETTER_FAILURES`).
+    pub dead_letter_failures: bool,
     pub retry: RetryPolicy,
     pub provider_timeout: Duration,
     /// Per-org concurrency caps and circuit breakers.
@@ -217,7 +220,14 @@ impl Pipeline {
         if let Some(entry) = start.decided {
             tracing::info!("already decided; republishing the recorded result");
             if self.publish_result(delivery, &entry).await {
-                self.skip(worker, delivery, "duplicate").await;
+                // A redelivery after a crash between the result and its dead letter still
+                // leaves the dead letter.
+                match self.dead_letter_for(&entry) {
+                    Some((reason, detail)) => {
+                        self.dead_letter(worker, delivery, reason, &detail).await
+                    }
+                    None => self.skip(worker, delivery, "duplicate").await,
+                }
             }
             return None;
         }
@@ -292,7 +302,6 @@ impl Pipeline {
                 (None, Some((class, message)))
             }
         };
-        let exhausted = matches!(error, Some((ErrorClass::RetriesExhausted, _)));
         let data = ResultData {
             org_id: org_id.to_owned(),
             ticket_id: ticket_id.to_owned(),
@@ -339,15 +348,31 @@ impl Pipeline {
         if !self.publish_result(delivery, &standing).await {
             return;
         }
-        if exhausted {
-            let detail = "transient provider errors outlasted every attempt";
-            self.dead_letter(worker, delivery, "retries_exhausted", detail)
-                .await;
-        } else {
-            self.ack(worker, delivery).await;
+        // The result that stands decides (another replica's may have been recorded first).
+        match self.dead_letter_for(&standing) {
+            Some((reason, detail)) => self.dead_letter(worker, delivery, reason, &detail).await,
+            None => self.ack(worker, delivery).await,
         }
         let overhead = started.elapsed().saturating_sub(spent.provider_time);
         m::record_overhead(worker.name(), overhead);
+    }
+
+    /// Whether a decided result's event also goes to the dead letters, with which reason and
+    /// detail: when its retries ran out, and after any other failure when the operator asked
+    /// (`dead_letter_failures`), so that `dead-letters replay` can run it again. Reads the
+    /// recorded result, and only of failed runs (rare).
+    fn dead_letter_for(&self, entry: &LedgerEntry) -> Option<(&'static str, String)> {
+        if entry.outcome != "failed" {
+            return None;
+        }
+        let result: serde_json::Value = serde_json::from_str(&entry.result).ok()?;
+        let error = result.pointer("/data/error")?;
+        let class = ErrorClass::parse(error.get("class")?.as_str()?)?;
+        if class != ErrorClass::RetriesExhausted && !self.dead_letter_failures {
+            return None;
+        }
+        let detail = error.get("message").and_then(serde_json::Value::as_str);
+        Some((class.as_str(), detail.unwrap_or_default().to_owned()))
     }
 
     fn key_for(&self, config: &ProviderConfig) -> Result<Option<SecretString>, ErrorClass> {

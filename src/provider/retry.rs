@@ -34,6 +34,25 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    pub const ALL: [ErrorClass; 9] = [
+        ErrorClass::ProviderAuth,
+        ErrorClass::ProviderQuota,
+        ErrorClass::ProviderRateLimited,
+        ErrorClass::ProviderBadRequest,
+        ErrorClass::ProviderUnavailable,
+        ErrorClass::EndpointRefused,
+        ErrorClass::InvalidOutput,
+        ErrorClass::RetriesExhausted,
+        ErrorClass::ConfigInvalid,
+    ];
+
+    /// The class named `text` (as in a result's `error.class`).
+    pub fn parse(text: &str) -> Option<ErrorClass> {
+        ErrorClass::ALL
+            .into_iter()
+            .find(|class| class.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::ProviderAuth => "provider_auth",

@@ -399,6 +399,10 @@ async fn a_rejected_key_fails_the_event_and_marks_the_config_unhealthy() {
         last_error.contains("401") && !last_error.contains(KEY),
         "{last_error}"
     );
+    // By default a failure for good leaves its failed result only, no dead letter (a dead
+    // letter would be published right after the result, before the ack).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.dead_letters().await.is_empty());
     h.finish().await;
 }
 

@@ -293,3 +293,61 @@ async fn an_event_past_the_delivery_limit_is_named_and_replayed_to_its_worker() 
     connection.close(200, "done".into()).await.unwrap();
     h.finish().await;
 }
+
+/// With `COPILOT_DEAD_LETTER_FAILURES`, an event whose run failed for good (here a revoked
+/// key) is dead-lettered under its class after its failed result, and once the org's key
+/// works again a replay runs it under a new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_for_good_is_dead_lettered_when_asked_and_replayed_once_the_org_fixed_it() {
+    let mut h = Harness::with(Options {
+        dead_letter_failures: true,
+        ..Options::default()
+    })
+    .await;
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401))
+        .mount(&provider)
+        .await;
+    h.set_org("org_a", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    h.publish(&ticket_event("evt_revoked", "org_a", "ticket.created"))
+        .await;
+    let (failed, _) = h.next_result(WAIT).await.expect("a failed result");
+    assert_eq!(failed.data.error.as_ref().unwrap().class, "provider_auth");
+    let dead_letters = h.topology.dead_letter_queue();
+    h.eventually(WAIT, "the dead letter", || async {
+        h.queue_depth(&dead_letters).await == 1
+    })
+    .await;
+    let letters = listed(&h).await;
+    assert_eq!(letters[0]["reason"], "provider_auth");
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("401")),
+        "{letters:#?}"
+    );
+    h.eventually(WAIT, "the listed dead letter back", || async {
+        h.queue_depth(&dead_letters).await == 1
+    })
+    .await;
+
+    provider.reset().await;
+    let output = summary_output("The key works again.");
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&output)))
+        .mount(&provider)
+        .await;
+    let replayed = h
+        .cli(&["dead-letters", "replay", "--reason", "provider_auth"])
+        .await;
+    assert!(replayed.status.success(), "{}", said(&replayed));
+    let (completed, _) = h
+        .next_result(WAIT)
+        .await
+        .expect("the replayed run's result");
+    assert_eq!(completed.data.source_event_id, "evt_revoked~replay1");
+    assert_eq!(completed.data.output.as_ref(), Some(&output));
+    h.finish().await;
+}

@@ -444,6 +444,22 @@ async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
         || async { h.counter(counted).await == 1.0 },
     )
     .await;
+
+    // The same event again, as a redelivery after a crash between the result and its dead
+    // letter would bring it: the ledger answers with the recorded failed result, no call,
+    // and the dead letter is made again, so that it cannot be lost in that window.
+    h.publish(&event).await;
+    let (again, _) = h
+        .next_result(Duration::from_secs(20))
+        .await
+        .expect("the recorded result again");
+    assert_eq!(again.id, result.id);
+    let dead = h.wait_dead_letters(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        crate::support::header(&dead[0], "x-copilot-reason").as_deref(),
+        Some("retries_exhausted")
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
     h.finish().await;
 }
 

@@ -59,6 +59,7 @@ pub struct Options {
     pub topology_prefix: Option<String>,
     pub prefetch: u16,
     pub provider_timeout_secs: u64,
+    pub dead_letter_failures: bool,
 }
 
 impl Default for Options {
@@ -76,6 +77,7 @@ impl Default for Options {
             topology_prefix: None,
             prefetch: 50,
             provider_timeout_secs: 5,
+            dead_letter_failures: false,
         }
     }
 }
@@ -131,6 +133,7 @@ impl Harness {
             provider_timeout_secs: Some(options.provider_timeout_secs),
             provider_max_attempts: Some(options.max_attempts),
             shutdown_grace_secs: Some(5),
+            dead_letter_failures: Some(options.dead_letter_failures),
             ..Default::default()
         };
         let mut settings = args.resolve().expect("test settings");
