@@ -229,9 +229,9 @@ pub fn parse_event(
         || event.data.org_id.len() > MAX_ID_BYTES
         || event.data.ticket.id.len() > MAX_ID_BYTES
     {
-        return Err(BadInput::InvalidField(
-            "id, org_id and ticket.id must be at most 200 bytes".to_owned(),
-        ));
+        return Err(BadInput::InvalidField(format!(
+            "id, org_id and ticket.id must be at most {MAX_ID_BYTES} bytes"
+        )));
     }
     if event.data.ticket.id.trim().is_empty() {
         return Err(BadInput::MissingField("data.ticket.id"));

@@ -35,6 +35,17 @@ pub fn is_precondition_failed(err: &lapin::Error) -> bool {
     matches!(soft_error(err), Some(AMQPSoftError::PRECONDITIONFAILED))
 }
 
+/// The text of the header `name` (a long or a short AMQP string), if `headers` has one.
+pub fn text_header(headers: &lapin::types::FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(text) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 /// Opens a connection that lapin recovers by itself (connection, channels, topology and
 /// consumers) after a network failure or a forced close.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {

@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
-use crate::broker::{self, Outgoing, PublishError, Publisher, Topology};
+use crate::broker::{self, Outgoing, PublishError, Publisher, Topology, text_header};
 use crate::config::Settings;
 use crate::events;
 use crate::pipeline::{
@@ -100,13 +100,8 @@ pub async fn run(settings: &Settings, command: DeadLettersCommand) -> anyhow::Re
         DeadLettersCommand::List(args) => list(settings, &topology, args).await,
         DeadLettersCommand::Replay(selection) => {
             selection.check()?;
-            let store = Store::connect(&settings.database_url, 1)?;
-            let link = broker::Link::open(&settings.amqp_url, "copilot-workers replay").await?;
-            let publisher = Publisher::new(link.clone()).await?;
-            let replayer = Replayer { store, publisher };
-            let taken = take(settings, &topology, selection, Some(replayer)).await;
-            link.close().await;
-            taken
+            let ledger = Store::connect(&settings.database_url, 1)?;
+            take(settings, &topology, selection, Some(ledger)).await
         }
         DeadLettersCommand::Purge(selection) => {
             selection.check()?;
@@ -117,7 +112,7 @@ pub async fn run(settings: &Settings, command: DeadLettersCommand) -> anyhow::Re
 
 /// What a dead letter says about itself. Ours carry `x-copilot-*` headers; the broker's own
 /// (an event past the delivery limit) carry `x-first-death-*` and `x-death`.
-#[derive(Debug, PartialEq, serde::Serialize)]
+#[derive(Debug, serde::Serialize)]
 struct DeadLetter {
     reason: String,
     worker: Option<String>,
@@ -154,14 +149,6 @@ impl DeadLetter {
             ticket_id: field("/data/ticket/id"),
             bytes: delivery.data.len(),
         }
-    }
-}
-
-fn text_header(headers: &FieldTable, name: &str) -> Option<String> {
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
-        _ => None,
     }
 }
 
@@ -333,15 +320,15 @@ impl Replayer {
     }
 }
 
-/// `replay` (with a [`Replayer`]) or `purge` (without): takes the selected dead letters off
-/// the queue, each acked only once it was replayed.
+/// `replay` (given the ledger) or `purge` (without): takes the selected dead letters off the
+/// queue, each acked only once it was replayed.
 async fn take(
     settings: &Settings,
     topology: &Topology,
     selection: Selection,
-    replayer: Option<Replayer>,
+    ledger: Option<Store>,
 ) -> anyhow::Result<()> {
-    let verb = if replayer.is_some() {
+    let verb = if ledger.is_some() {
         "replayed"
     } else {
         "purged"
@@ -349,6 +336,13 @@ async fn take(
     let link = broker::Link::open(&settings.amqp_url, "copilot-workers dead-letters").await?;
     let queue = topology.dead_letter_queue();
     let total = depth(&link, &queue).await?;
+    let replayer = match ledger {
+        Some(store) => Some(Replayer {
+            store,
+            publisher: Publisher::new(link.clone()).await?,
+        }),
+        None => None,
+    };
     let channel = link.connection().await.create_channel().await?;
     let (mut taken, mut renamed, mut passed) = (0_u64, 0_u64, 0_u64);
     // Only the messages there at the start: one replayed and dead-lettered again comes after

@@ -77,12 +77,8 @@ impl Pipeline {
         let content_type = content_type(delivery);
         // A replayed dead letter came through the worker's queue; it keeps the routing key it
         // was first published with.
-        let original_routing_key = match header(delivery, ORIGINAL_ROUTING_KEY_HEADER) {
-            Some(AMQPValue::LongString(key)) => {
-                String::from_utf8_lossy(key.as_bytes()).into_owned()
-            }
-            _ => delivery.routing_key.to_string(),
-        };
+        let original_routing_key = text_header(delivery, ORIGINAL_ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| delivery.routing_key.to_string());
         let mut message = Outgoing::new(&exchange, &routing_key, &delivery.data)
             .header(REASON_HEADER, reason)
             .header("x-copilot-error", &detail)
@@ -213,13 +209,13 @@ fn header(delivery: &Delivery, name: &str) -> Option<AMQPValue> {
     headers.inner().get(name).cloned()
 }
 
+fn text_header(delivery: &Delivery, name: &str) -> Option<String> {
+    crate::broker::text_header(delivery.properties.headers().as_ref()?, name)
+}
+
 /// A well-formed W3C `traceparent` header, if the input carries one.
 pub(super) fn traceparent(delivery: &Delivery) -> Option<String> {
-    let text = match header(delivery, TRACEPARENT_HEADER)? {
-        AMQPValue::LongString(text) => String::from_utf8(text.as_bytes().to_vec()).ok()?,
-        AMQPValue::ShortString(text) => text.as_str().to_owned(),
-        _ => return None,
-    };
+    let text = text_header(delivery, TRACEPARENT_HEADER)?;
     let parts: Vec<&str> = text.split('-').collect();
     let shape = [2, 32, 16, 2];
     let valid = parts.len() == 4

@@ -24,6 +24,17 @@ fn said(output: &std::process::Output) -> String {
     )
 }
 
+/// Waits until the dead-letter queue holds `n` ready messages. What a command read goes
+/// back as its channel closes, through the quorum queue's log: not always by the time the
+/// command has exited.
+async fn dead_letters_become(h: &Harness, n: u32) {
+    let queue = h.topology.dead_letter_queue();
+    h.eventually(WAIT, &format!("{n} dead letter(s) ready"), || async {
+        h.queue_depth(&queue).await == n
+    })
+    .await;
+}
+
 /// `dead-letters list --json`, one parsed document per dead letter.
 async fn listed(h: &Harness) -> Vec<Value> {
     let output = h.cli(&["dead-letters", "list", "--json"]).await;
@@ -56,11 +67,7 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
         "retries_exhausted"
     );
     h.publish_raw(b"{not json", "ticket.created", None).await;
-    let dead_letters = h.topology.dead_letter_queue();
-    h.eventually(WAIT, "two dead letters", || async {
-        h.queue_depth(&dead_letters).await == 2
-    })
-    .await;
+    dead_letters_become(&h, 2).await;
 
     let letters = listed(&h).await;
     assert_eq!(letters.len(), 2, "{letters:#?}");
@@ -79,14 +86,8 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
     assert_eq!(exhausted["body"]["id"], "evt_outage");
     assert_eq!(letters[1]["reason"], "not_json");
     assert_eq!(letters[1]["body"], "{not json");
-    // Listing takes nothing: what it read goes back as its channel closes (through the
-    // quorum queue's log, so not always by the time the command has exited).
-    h.eventually(
-        WAIT,
-        "the listed dead letters back on the queue",
-        || async { h.queue_depth(&dead_letters).await == 2 },
-    )
-    .await;
+    // Listing takes nothing.
+    dead_letters_become(&h, 2).await;
     // The list can be narrowed, to find a few among many.
     let output = h
         .cli(&["dead-letters", "list", "--json", "--reason", "not_json"])
@@ -101,10 +102,7 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
         "{}",
         narrowed[0]
     );
-    h.eventually(WAIT, "the narrowed list's dead letters back", || async {
-        h.queue_depth(&dead_letters).await == 2
-    })
-    .await;
+    dead_letters_become(&h, 2).await;
 
     // Nothing is replayed unless the operator says which.
     let refused = h.cli(&["dead-letters", "replay"]).await;
@@ -176,10 +174,7 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
     assert_eq!(letters[0]["routing_key"], "ticket.created");
 
     // Looked at, it can go for good; a purge, too, takes only what it is told to.
-    h.eventually(WAIT, "the listed dead letter back on the queue", || async {
-        h.queue_depth(&dead_letters).await == 1
-    })
-    .await;
+    dead_letters_become(&h, 1).await;
     let kept = h
         .cli(&["dead-letters", "purge", "--reason", "oversized"])
         .await;
@@ -188,12 +183,7 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
         "{}",
         said(&kept)
     );
-    h.eventually(
-        WAIT,
-        "the passed-over dead letter back on the queue",
-        || async { h.queue_depth(&dead_letters).await == 1 },
-    )
-    .await;
+    dead_letters_become(&h, 1).await;
     let purged = h
         .cli(&["dead-letters", "purge", "--reason", "not_json"])
         .await;
@@ -203,10 +193,7 @@ async fn dead_letters_are_listed_without_taking_them_replayed_once_the_cause_is_
         "{}",
         said(&purged)
     );
-    h.eventually(WAIT, "an empty dead-letter queue", || async {
-        h.queue_depth(&dead_letters).await == 0
-    })
-    .await;
+    dead_letters_become(&h, 0).await;
     assert!(listed(&h).await.is_empty());
     h.finish().await;
 }
@@ -253,10 +240,7 @@ async fn an_event_past_the_delivery_limit_is_named_and_replayed_to_its_worker() 
     }
     assert_eq!(deliveries, h.settings.delivery_limit + 1);
     let dead_letters = h.topology.dead_letter_queue();
-    h.eventually(WAIT, "the broker's dead letter", || async {
-        h.queue_depth(&dead_letters).await == 1
-    })
-    .await;
+    dead_letters_become(&h, 1).await;
 
     let letters = listed(&h).await;
     assert_eq!(letters.len(), 1);
@@ -268,10 +252,7 @@ async fn an_event_past_the_delivery_limit_is_named_and_replayed_to_its_worker() 
         letters[0]["dead_lettered_at"].as_str().is_some(),
         "{letters:#?}"
     );
-    h.eventually(WAIT, "the listed dead letter back on the queue", || async {
-        h.queue_depth(&dead_letters).await == 1
-    })
-    .await;
+    dead_letters_become(&h, 1).await;
 
     let replayed = h
         .cli(&["dead-letters", "replay", "--worker", "summarize"])
@@ -315,11 +296,7 @@ async fn a_failure_for_good_is_dead_lettered_when_asked_and_replayed_once_the_or
         .await;
     let (failed, _) = h.next_result(WAIT).await.expect("a failed result");
     assert_eq!(failed.data.error.as_ref().unwrap().class, "provider_auth");
-    let dead_letters = h.topology.dead_letter_queue();
-    h.eventually(WAIT, "the dead letter", || async {
-        h.queue_depth(&dead_letters).await == 1
-    })
-    .await;
+    dead_letters_become(&h, 1).await;
     let letters = listed(&h).await;
     assert_eq!(letters[0]["reason"], "provider_auth");
     assert!(
@@ -328,10 +305,7 @@ async fn a_failure_for_good_is_dead_lettered_when_asked_and_replayed_once_the_or
             .is_some_and(|error| error.contains("401")),
         "{letters:#?}"
     );
-    h.eventually(WAIT, "the listed dead letter back", || async {
-        h.queue_depth(&dead_letters).await == 1
-    })
-    .await;
+    dead_letters_become(&h, 1).await;
 
     provider.reset().await;
     let output = summary_output("The key works again.");

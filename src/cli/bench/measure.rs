@@ -51,13 +51,15 @@ pub const POSTGRES: &str = "postgres";
 /// A note on `who`'s CPU per event between two CPU readings (seconds); empty when either is
 /// missing (a remote server).
 pub fn cpu_note(who: &str, before: Option<f64>, after: Option<f64>, events: usize) -> String {
-    match (before, after) {
-        (Some(before), Some(after)) if events > 0 => format!(
-            "; {who} CPU {:.3} ms per event",
-            (after - before) * 1000.0 / events as f64
-        ),
-        _ => String::new(),
-    }
+    per_event(before, after, events).map_or(String::new(), |secs| {
+        format!("; {who} CPU {:.3} ms per event", secs * 1000.0)
+    })
+}
+
+/// How much a counter grew per event between two readings; None when either is missing.
+fn per_event(before: Option<f64>, after: Option<f64>, events: usize) -> Option<f64> {
+    let (before, after) = before.zip(after)?;
+    (events > 0).then(|| (after - before) / events as f64)
 }
 
 /// Context switches (voluntary and not) of every thread of a process so far, from
@@ -82,13 +84,10 @@ pub fn context_switches(pid: u32) -> Option<u64> {
 /// A note on a process's context switches per event between two [`context_switches`]
 /// readings; empty when either is missing.
 pub fn switches_note(who: &str, before: Option<u64>, after: Option<u64>, events: usize) -> String {
-    match (before, after) {
-        (Some(before), Some(after)) if events > 0 => format!(
-            "; {who} threads switched {:.2} times per event",
-            after.saturating_sub(before) as f64 / events as f64
-        ),
-        _ => String::new(),
-    }
+    let count = |switches: Option<u64>| switches.map(|n| n as f64);
+    per_event(count(before), count(after), events).map_or(String::new(), |switches| {
+        format!("; {who} threads switched {switches:.2} times per event")
+    })
 }
 
 /// The mean of a Prometheus histogram (sum / count) over the label sets whose line contains

@@ -351,10 +351,10 @@ impl Bench {
             cpu_per_1000: Some((cpu_after - cpu_before) * 1000.0 / n as f64),
             note: format!(
                 "broker only{paced}; CPU is the bench process (consumer, publisher and result \
-                 listener); results {size} bytes{broker}",
+                 listener); results {size} bytes{broker}{switches}",
                 paced = rate.map_or(String::new(), |rate| format!(", paced at {rate}/s")),
-                broker = cpu_note("the broker's", broker_before, broker_after, n)
-                    + &switches_note("the bench process's", switches_before, switches_after, n),
+                broker = cpu_note("the broker's", broker_before, broker_after, n),
+                switches = switches_note("the bench process's", switches_before, switches_after, n),
             ),
             ..Row::default()
         })
