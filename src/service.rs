@@ -123,6 +123,14 @@ pub async fn run(
         claims.clone(),
         background.clone(),
     ));
+    let gates = Arc::new(crate::pipeline::gate::OrgGates::default());
+    let sharing_stop = background.child_token();
+    let sharing = tokio::spawn(crate::pipeline::gate::share_caps(
+        store.clone(),
+        gates.clone(),
+        instance.clone(),
+        sharing_stop.clone(),
+    ));
     let provider = ProviderClient::new(settings.endpoint_policy)?;
     tokio::spawn(provider.clone().keep_swept(background.clone()));
     let admin = match &settings.admin_token {
@@ -150,7 +158,7 @@ pub async fn run(
             ..RetryPolicy::default()
         },
         provider_timeout: settings.provider_timeout,
-        gates: Default::default(),
+        gates,
         instance: instance.clone(),
         claims,
         abandon: abandon.clone(),
@@ -216,6 +224,12 @@ pub async fn run(
         tracing::warn!("grace period over; unfinished deliveries go back to the broker");
         abandon.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), deliveries.wait()).await;
+    }
+    // The other replicas take this one's shares of org caps now, not when its rows lapse.
+    sharing_stop.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sharing).await;
+    if let Err(err) = store.leave_presence(&instance).await {
+        tracing::debug!(error = %err, "cannot remove this replica's org presence; it lapses");
     }
     // Closing the connections hands any unacked delivery back to the broker.
     consuming.close().await;

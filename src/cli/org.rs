@@ -98,8 +98,8 @@ pub struct SetArgs {
     /// Language for reply drafts (ISO 639-1).
     #[arg(long)]
     pub reply_language: Option<String>,
-    /// Most provider calls in flight at once for this org, in each worker replica (with N
-    /// replicas the org may have N times this in flight). Default: 32.
+    /// Most provider calls in flight at once for this org, across all worker replicas (each
+    /// takes a share). Default: none; each replica then holds the org to 32.
     #[arg(long)]
     pub max_concurrency: Option<u32>,
     /// Store the config disabled.

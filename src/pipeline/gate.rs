@@ -1,20 +1,32 @@
 //! Per-org isolation: a concurrency cap and a circuit breaker, so that one org's slow,
 //! failing or flooding provider cannot take every consumer slot.
 //!
-//! An org may have `cap` provider calls in flight and `cap` more events waiting in process;
-//! beyond that its events are deferred to a short delay queue instead of holding prefetch
-//! slots the other orgs need. After `BREAKER_THRESHOLD` consecutive transient failures the
-//! org's breaker opens for `BREAKER_COOLDOWN`: its events are deferred without a call. The
-//! first event after the cool-down is a trial; one more failure reopens the breaker.
+//! An org may have `limit` provider calls in flight and `limit` more events waiting in
+//! process; beyond that its events are deferred to a short delay queue instead of holding
+//! prefetch slots the other orgs need. After `BREAKER_THRESHOLD` consecutive transient
+//! failures the org's breaker opens for `BREAKER_COOLDOWN`: its events are deferred without a
+//! call. The first event after the cool-down is a trial; one more failure reopens the breaker.
+//!
+//! An org's own cap (`max_concurrency`, which protects its provider's rate limit) holds across
+//! replicas: the replicas serving the org find each other in `org_presence` every
+//! `SHARE_EVERY` (`share_caps`) and each takes its share, the remainder going to the first
+//! by instance id, so that the shares add up to the cap. A replica that starts serving an
+//! org announces itself at once; until the others' next beat they may hold one share more
+//! than the cap allows. An org without a cap of its own is held to `DEFAULT_ORG_CAP` calls
+//! per replica, for fairness within the replica.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-/// Provider calls in flight per org when its config sets no cap.
+use crate::store::Store;
+pub use crate::store::presence::Peers;
+
+/// Provider calls in flight per org and replica when the org's config sets no cap.
 pub const DEFAULT_ORG_CAP: u32 = 32;
 /// Consecutive transient failures that open an org's breaker.
 pub const BREAKER_THRESHOLD: u32 = 5;
@@ -22,12 +34,114 @@ pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 /// How long an event of an org at its cap waits in the delay queue.
 pub const BUSY_DEFERRAL: Duration = Duration::from_secs(5);
+/// How often a replica tells the others which capped orgs it serves, and learns theirs.
+pub const SHARE_EVERY: Duration = Duration::from_secs(2);
+/// A replica that has not said it serves an org for this long no longer shares its cap.
+pub const PRESENCE_WINDOW: Duration = Duration::from_secs(8);
+/// The shortest gap between beats that a newly served org brings forward.
+const SHORTEST_BEAT_GAP: Duration = Duration::from_millis(100);
+
+/// Recovers the guard of a poisoned lock: every value behind these locks stays consistent
+/// between statements, so a panic elsewhere leaves nothing half-done.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// This replica's share of `cap` when `peers` serve the org too: the shares of all the
+/// replicas that see the same set add up to `cap` (a share may be 0 when the cap is smaller
+/// than the number of replicas).
+pub fn share(cap: u32, peers: Peers) -> u32 {
+    let replicas = peers.others.saturating_add(1);
+    cap / replicas + u32::from(peers.before < cap % replicas)
+}
+
+fn limit_for(cap: Option<u32>, peers: Peers) -> u32 {
+    match cap {
+        Some(cap) => share(cap.max(1), peers),
+        None => DEFAULT_ORG_CAP,
+    }
+}
 
 struct Gate {
-    cap: u32,
+    slots: Mutex<Slots>,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
+    /// An event of this (capped) org came since the last beat.
+    active: AtomicBool,
+    /// The last beat told the other replicas this one serves the org.
+    announced: AtomicBool,
     breaker: Mutex<Breaker>,
+}
+
+struct Slots {
+    /// The org's own cap, shared among replicas; `None`: `DEFAULT_ORG_CAP` for this replica.
+    cap: Option<u32>,
+    /// Calls this replica may have in flight for the org.
+    limit: u32,
+    /// Permits in use beyond a lowered limit: each one given back is forgotten until paid.
+    debt: u32,
+}
+
+impl Gate {
+    fn new(cap: Option<u32>, peers: Peers) -> Gate {
+        let limit = limit_for(cap, peers);
+        Gate {
+            slots: Mutex::new(Slots {
+                cap,
+                limit,
+                debt: 0,
+            }),
+            permits: Arc::new(Semaphore::new(limit as usize)),
+            waiting: AtomicUsize::new(0),
+            active: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker::default()),
+        }
+    }
+
+    /// Moves the limit: permits are added, or taken away (those in use as they come back).
+    fn resize(&self, slots: &mut Slots, limit: u32) {
+        if limit > slots.limit {
+            let grow = limit - slots.limit;
+            let paid = grow.min(slots.debt);
+            slots.debt -= paid;
+            self.permits.add_permits((grow - paid) as usize);
+        } else if limit < slots.limit {
+            let shrink = slots.limit - limit;
+            let forgotten = self.permits.forget_permits(shrink as usize);
+            slots.debt += shrink - u32::try_from(forgotten).unwrap_or(shrink);
+        }
+        slots.limit = limit;
+    }
+
+    /// Calls in flight or waiting here now.
+    fn busy(&self, slots: &Slots) -> bool {
+        let issued = (slots.limit + slots.debt) as usize;
+        self.permits.available_permits() < issued || self.waiting.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// An event counted in an org's waiting room until it goes (or its future is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// A place in the room, unless `room` events wait already.
+    fn enter(waiting: &'a AtomicUsize, room: usize) -> Option<Waiting<'a>> {
+        if waiting.fetch_add(1, Ordering::SeqCst) >= room {
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Waiting(waiting))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -36,10 +150,31 @@ struct Breaker {
     open_until: Option<Instant>,
 }
 
+/// Leave to call an org's provider, held for the duration of the call.
+pub struct OrgPermit {
+    gate: Arc<Gate>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for OrgPermit {
+    fn drop(&mut self) {
+        // Under the gate's lock, so that a concurrent resize counts this permit once.
+        let mut slots = lock(&self.gate.slots);
+        if let Some(permit) = self.permit.take() {
+            if slots.debt > 0 {
+                slots.debt -= 1;
+                permit.forget();
+            } else {
+                drop(permit);
+            }
+        }
+    }
+}
+
 /// Whether an event may go to its provider now.
 pub enum Admission {
     /// Go; the permit is held for the duration of the call.
-    Go(OwnedSemaphorePermit),
+    Go(OrgPermit),
     /// Not now: park the event for this long. `reason` is a metric label.
     Defer {
         delay: Duration,
@@ -50,42 +185,47 @@ pub enum Admission {
 /// Every org's gate, created on first use.
 #[derive(Default)]
 pub struct OrgGates {
-    gates: Mutex<HashMap<String, Arc<Gate>>>,
+    inner: Mutex<Gates>,
+    /// Wakes `share_caps` when this replica starts serving a capped org.
+    announce: Notify,
+}
+
+#[derive(Default)]
+struct Gates {
+    by_org: HashMap<String, Arc<Gate>>,
+    /// The other replicas serving each capped org, as the last beat saw them.
+    peers: HashMap<String, Peers>,
 }
 
 impl OrgGates {
-    fn gate(&self, org: &str, cap: u32) -> Arc<Gate> {
-        let mut gates = match self.gates.lock() {
-            Ok(gates) => gates,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        match gates.get(org) {
-            Some(gate) if gate.cap == cap => gate.clone(),
-            existing => {
-                // A changed cap starts a fresh gate; the old one's permits drain on their own.
-                let breaker = existing
-                    .and_then(|gate| {
-                        gate.breaker.lock().ok().map(|b| Breaker {
-                            consecutive_failures: b.consecutive_failures,
-                            open_until: b.open_until,
-                        })
-                    })
-                    .unwrap_or_default();
-                let gate = Arc::new(Gate {
-                    cap,
-                    permits: Arc::new(Semaphore::new(cap as usize)),
-                    waiting: AtomicUsize::new(0),
-                    breaker: Mutex::new(breaker),
-                });
-                gates.insert(org.to_owned(), gate.clone());
-                gate
+    fn gate(&self, org: &str, cap: Option<u32>) -> Arc<Gate> {
+        let mut inner = lock(&self.inner);
+        let peers = inner.peers.get(org).copied().unwrap_or_default();
+        if let Some(gate) = inner.by_org.get(org) {
+            let mut slots = lock(&gate.slots);
+            if slots.cap != cap {
+                // The org's cap changed: the same gate, resized, so that calls in flight
+                // under the old cap still count.
+                slots.cap = cap;
+                gate.resize(&mut slots, limit_for(cap, peers));
             }
+            drop(slots);
+            return gate.clone();
         }
+        let gate = Arc::new(Gate::new(cap, peers));
+        inner.by_org.insert(org.to_owned(), gate.clone());
+        gate
     }
 
     /// Admits an event of `org` (whose config caps it at `cap`, if set).
     pub async fn admit(&self, org: &str, cap: Option<u32>) -> Admission {
-        let gate = self.gate(org, cap.unwrap_or(DEFAULT_ORG_CAP).max(1));
+        let gate = self.gate(org, cap);
+        if cap.is_some() {
+            gate.active.store(true, Ordering::SeqCst);
+            if !gate.announced.load(Ordering::SeqCst) {
+                self.announce.notify_one();
+            }
+        }
         if let Ok(breaker) = gate.breaker.lock()
             && let Some(until) = breaker.open_until
         {
@@ -97,20 +237,24 @@ impl OrgGates {
                 };
             }
         }
+        let go = |permit| {
+            Admission::Go(OrgPermit {
+                gate: gate.clone(),
+                permit: Some(permit),
+            })
+        };
         if let Ok(permit) = gate.permits.clone().try_acquire_owned() {
-            return Admission::Go(permit);
+            return go(permit);
         }
-        if gate.waiting.fetch_add(1, Ordering::SeqCst) >= gate.cap as usize {
-            gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        let limit = lock(&gate.slots).limit as usize;
+        let Some(_waiting) = Waiting::enter(&gate.waiting, limit) else {
             return Admission::Defer {
                 delay: BUSY_DEFERRAL,
                 reason: "org_busy",
             };
-        }
-        let permit = gate.permits.clone().acquire_owned().await;
-        gate.waiting.fetch_sub(1, Ordering::SeqCst);
-        match permit {
-            Ok(permit) => Admission::Go(permit),
+        };
+        match gate.permits.clone().acquire_owned().await {
+            Ok(permit) => go(permit),
             // The semaphore is never closed; treat it as busy if it ever were.
             Err(_) => Admission::Defer {
                 delay: BUSY_DEFERRAL,
@@ -119,14 +263,46 @@ impl OrgGates {
         }
     }
 
+    /// The capped orgs this replica served since the last call, or serves now.
+    pub fn serving(&self) -> Vec<String> {
+        let inner = lock(&self.inner);
+        let mut serving = Vec::new();
+        for (org, gate) in &inner.by_org {
+            let slots = lock(&gate.slots);
+            let active = gate.active.swap(false, Ordering::SeqCst);
+            let serves = slots.cap.is_some() && (active || gate.busy(&slots));
+            gate.announced.store(serves, Ordering::SeqCst);
+            if serves {
+                serving.push(org.clone());
+            }
+        }
+        serving
+    }
+
+    /// Takes what the last beat saw of the other replicas, and resizes every capped gate to
+    /// its share.
+    pub fn share_with(&self, peers: Vec<(String, Peers)>) {
+        let mut inner = lock(&self.inner);
+        inner.peers = peers.into_iter().collect();
+        for (org, gate) in &inner.by_org {
+            let mut slots = lock(&gate.slots);
+            if slots.cap.is_none() {
+                continue;
+            }
+            let limit = limit_for(slots.cap, inner.peers.get(org).copied().unwrap_or_default());
+            if limit != slots.limit {
+                tracing::debug!(org_id = %org, from = slots.limit, to = limit, "org's share of its cap changed");
+                gate.resize(&mut slots, limit);
+            }
+        }
+    }
+
     /// Records how an org's call went: `true` for an answer (even an invalid one or a
     /// permanent refusal: the provider is up), `false` for a transient failure.
     pub fn record(&self, org: &str, provider_up: bool) {
-        let gate = match self.gates.lock() {
-            Ok(gates) => gates.get(org).cloned(),
-            Err(poisoned) => poisoned.into_inner().get(org).cloned(),
+        let Some(gate) = lock(&self.inner).by_org.get(org).cloned() else {
+            return;
         };
-        let Some(gate) = gate else { return };
         let Ok(mut breaker) = gate.breaker.lock() else {
             return;
         };
@@ -147,6 +323,38 @@ impl OrgGates {
                 );
             }
             breaker.open_until = Some(Instant::now() + BREAKER_COOLDOWN);
+        }
+    }
+}
+
+/// Shares capped orgs' caps with the other replicas until `stop`: every `SHARE_EVERY`, and
+/// at once when this replica starts serving a capped org, it writes which capped orgs it
+/// serves and resizes its gates to its share of each. On `stop` its rows are left for the
+/// caller to remove once in-flight work is done (`Store::leave_presence`).
+pub async fn share_caps(
+    store: Store,
+    gates: Arc<OrgGates>,
+    instance: String,
+    stop: CancellationToken,
+) {
+    loop {
+        let serving = gates.serving();
+        match store
+            .share_presence(&instance, &serving, PRESENCE_WINDOW)
+            .await
+        {
+            Ok(peers) => gates.share_with(peers),
+            // The shares stay as they were; the database's outage is reported elsewhere.
+            Err(err) => tracing::debug!(error = %err, "sharing org caps failed; next beat"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(SHARE_EVERY) => {}
+            () = gates.announce.notified() => {
+                if !crate::sleep_unless_stopped(SHORTEST_BEAT_GAP, &stop).await {
+                    return;
+                }
+            }
         }
     }
 }
@@ -182,6 +390,118 @@ mod tests {
             waiter.await.unwrap(),
             "the waiting event goes once a permit frees"
         );
+    }
+
+    #[test]
+    fn the_shares_of_a_cap_add_up_to_it() {
+        for cap in 1..=40 {
+            for replicas in 1..=12u32 {
+                let shares: Vec<u32> = (0..replicas)
+                    .map(|before| {
+                        share(
+                            cap,
+                            Peers {
+                                others: replicas - 1,
+                                before,
+                            },
+                        )
+                    })
+                    .collect();
+                assert_eq!(shares.iter().sum::<u32>(), cap, "{cap} over {replicas}");
+                let (least, most) = (shares.iter().min(), shares.iter().max());
+                assert!(
+                    most.zip(least)
+                        .is_some_and(|(most, least)| most - least <= 1)
+                );
+            }
+        }
+    }
+
+    fn go(admission: Admission) -> OrgPermit {
+        match admission {
+            Admission::Go(permit) => permit,
+            Admission::Defer { reason, .. } => panic!("deferred: {reason}"),
+        }
+    }
+
+    /// Whether an event of `org` would go within a moment.
+    async fn would_go(gates: &OrgGates, org: &str, cap: Option<u32>) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_millis(20), gates.admit(org, cap)).await,
+            Ok(Admission::Go(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_smaller_share_takes_permits_back_as_calls_end() {
+        let gates = OrgGates::default();
+        let mut held: Vec<OrgPermit> = Vec::new();
+        for _ in 0..4 {
+            held.push(go(gates.admit("a", Some(4)).await));
+        }
+        // Another replica serves the org and sorts first: this one's share is 2 of 4.
+        let peer = Peers {
+            others: 1,
+            before: 1,
+        };
+        gates.share_with(vec![("a".to_owned(), peer)]);
+        held.pop();
+        held.pop();
+        assert!(!would_go(&gates, "a", Some(4)).await, "2 in flight of 2");
+        held.pop();
+        assert!(would_go(&gates, "a", Some(4)).await, "1 in flight of 2");
+        // The other replica left: the whole cap is this one's again.
+        gates.share_with(Vec::new());
+        for _ in 0..3 {
+            held.push(go(gates.admit("a", Some(4)).await));
+        }
+        assert!(!would_go(&gates, "a", Some(4)).await, "4 in flight of 4");
+        // An org without a cap of its own is not shared.
+        gates.share_with(vec![("b".to_owned(), peer)]);
+        for _ in 0..DEFAULT_ORG_CAP {
+            held.push(go(gates.admit("b", None).await));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_cap_counts_the_calls_in_flight() {
+        let gates = OrgGates::default();
+        let first = go(gates.admit("a", Some(3)).await);
+        let _second = go(gates.admit("a", Some(3)).await);
+        assert!(!would_go(&gates, "a", Some(1)).await, "2 in flight of 1");
+        drop(first);
+        assert!(!would_go(&gates, "a", Some(1)).await, "1 in flight of 1");
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_leaves_the_waiting_room() {
+        let gates = Arc::new(OrgGates::default());
+        let held = go(gates.admit("a", Some(1)).await);
+        for _ in 0..3 {
+            assert!(!would_go(&gates, "a", Some(1)).await);
+        }
+        let waiter = tokio::spawn({
+            let gates = gates.clone();
+            async move { matches!(gates.admit("a", Some(1)).await, Admission::Go(_)) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert!(waiter.await.unwrap(), "waited in the room, not deferred");
+    }
+
+    #[tokio::test]
+    async fn only_capped_orgs_in_use_are_announced() {
+        let gates = OrgGates::default();
+        let held = go(gates.admit("capped", Some(2)).await);
+        drop(go(gates.admit("uncapped", None).await));
+        drop(go(gates.admit("idle", Some(2)).await));
+        let mut serving = gates.serving();
+        serving.sort();
+        assert_eq!(serving, ["capped", "idle"]);
+        // No event since: only the org with a call in flight is still served.
+        assert_eq!(gates.serving(), ["capped"]);
+        drop(held);
+        assert!(gates.serving().is_empty());
     }
 
     #[tokio::test]

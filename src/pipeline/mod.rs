@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use secrecy::SecretString;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -61,8 +60,9 @@ pub struct Pipeline {
     pub dead_letter_failures: bool,
     pub retry: RetryPolicy,
     pub provider_timeout: Duration,
-    /// Per-org concurrency caps and circuit breakers.
-    pub gates: gate::OrgGates,
+    /// Per-org concurrency caps (shared with the other replicas by `gate::share_caps`) and
+    /// circuit breakers.
+    pub gates: Arc<gate::OrgGates>,
     /// Identifies this process in event claims.
     pub instance: String,
     /// The claims this process holds, for their renewal.
@@ -433,7 +433,7 @@ struct Admitted {
     model: String,
     claim: Claim,
     /// The org gate's permit, held for the duration of the call.
-    permit: OwnedSemaphorePermit,
+    permit: gate::OrgPermit,
     /// Attempts spent before the event was parked.
     attempts_before: u32,
 }

@@ -37,6 +37,26 @@ pub struct FakeBehaviour {
 struct FakeState {
     behaviour: FakeBehaviour,
     requests: AtomicU64,
+    /// Calls being answered now, and the most there have been at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+}
+
+/// Counts a call as in flight while it lives.
+struct InFlight<'a>(&'a FakeState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a FakeState) -> InFlight<'a> {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running fake provider.
@@ -57,6 +77,8 @@ impl FakeProvider {
         let state = Arc::new(FakeState {
             behaviour,
             requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
         });
         let shutdown = CancellationToken::new();
         let app = axum::Router::new()
@@ -87,6 +109,18 @@ impl FakeProvider {
     /// Requests answered so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// The most calls it has been answering at once since it started, or since the last
+    /// `reset_peak_in_flight`.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.state.peak_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts counting the peak again from the calls in flight now.
+    pub fn reset_peak_in_flight(&self) {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.peak_in_flight.store(now, Ordering::SeqCst);
     }
 }
 
@@ -170,6 +204,7 @@ async fn answer(State(state): State<Arc<FakeState>>, headers: HeaderMap, body: B
         }
     }
     let n = state.requests.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(&state);
     if !state.behaviour.latency.is_zero() {
         tokio::time::sleep(state.behaviour.latency).await;
     }
@@ -441,6 +476,8 @@ mod tests {
                 chaos: false,
             },
             requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
         });
         let response = answer(State(state), HeaderMap::new(), Bytes::from(body.to_owned())).await;
         let status = response.status();

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod configs;
 pub mod ledger;
 pub mod migrations;
+pub mod presence;
 pub mod retention;
 pub(crate) mod tls;
 

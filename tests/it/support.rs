@@ -350,8 +350,17 @@ impl Harness {
 
     /// Messages ready in a queue (not counting unacked ones).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.declare_passive(queue).await.message_count()
+    }
+
+    /// Consumers attached to a queue.
+    pub async fn queue_consumers(&self, queue: &str) -> u32 {
+        self.declare_passive(queue).await.consumer_count()
+    }
+
+    async fn declare_passive(&self, queue: &str) -> lapin::Queue {
         let channel = self.connection.create_channel().await.unwrap();
-        let declared = channel
+        channel
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -361,8 +370,7 @@ impl Harness {
                 FieldTable::default(),
             )
             .await
-            .unwrap();
-        declared.message_count()
+            .unwrap()
     }
 
     /// The `/metrics` text.

@@ -526,9 +526,10 @@ impl Bench {
             })
             .collect();
         let mut note = format!(
-            "{} calls answered by the fake provider; results {size} bytes; step p99 ms: {}; \
-             events per ledger statement: {}{}{}{}{}",
+            "{} calls answered by the fake provider, at most {} at once; results {size} bytes; \
+             step p99 ms: {}; events per ledger statement: {}{}{}{}{}",
             fake.requests(),
+            fake.peak_in_flight(),
             steps.join(", "),
             batches.join(", "),
             cpu_note("the broker's", broker_before, broker_after, n),
