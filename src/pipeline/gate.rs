@@ -337,15 +337,28 @@ pub async fn share_caps(
     instance: String,
     stop: CancellationToken,
 ) {
+    let mut failing = false;
     loop {
         let serving = gates.serving();
         match store
             .share_presence(&instance, &serving, PRESENCE_WINDOW)
             .await
         {
-            Ok(peers) => gates.share_with(peers),
-            // The shares stay as they were; the database's outage is reported elsewhere.
-            Err(err) => tracing::debug!(error = %err, "sharing org caps failed; next beat"),
+            Ok(peers) => {
+                if failing {
+                    tracing::info!("sharing org caps with the other replicas again");
+                }
+                failing = false;
+                gates.share_with(peers);
+            }
+            // The shares stay as they were. Said once, not every beat: an outage of the
+            // database is reported elsewhere too.
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(error = %err, "cannot share org caps with the other replicas (is the database migrated?); shares stay as they were");
+                }
+                failing = true;
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,
