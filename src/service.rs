@@ -123,7 +123,10 @@ pub async fn run(
         claims.clone(),
         background.clone(),
     ));
-    let gates = Arc::new(crate::pipeline::gate::OrgGates::default());
+    // A quarter of the prefetch window may hold events waiting beyond their org's own room.
+    let gates = Arc::new(crate::pipeline::gate::OrgGates::with_shared_room(
+        usize::from(settings.prefetch) / 4,
+    ));
     let sharing_stop = background.child_token();
     let sharing = tokio::spawn(crate::pipeline::gate::share_caps(
         store.clone(),

@@ -2,8 +2,12 @@
 //! failing or flooding provider cannot take every consumer slot.
 //!
 //! An org may have `limit` provider calls in flight and `limit` more events waiting in
-//! process; beyond that its events are deferred to a short delay queue instead of holding
-//! prefetch slots the other orgs need. After `BREAKER_THRESHOLD` consecutive transient
+//! process, and more in a waiting room all orgs share (a quarter of the prefetch: the rest of
+//! the window stays open for the other orgs' events); beyond that its events are deferred to
+//! a short delay queue instead of holding prefetch slots the other orgs need. Deferred events
+//! come back in a wave when the delay queue's TTL ends: the shared room lets a wave wait in
+//! process for the org's capacity instead of being deferred again, so that an org with a
+//! backlog keeps its calls busy between waves. After `BREAKER_THRESHOLD` consecutive transient
 //! failures the org's breaker opens for `BREAKER_COOLDOWN`: its events are deferred without a
 //! call. The first event after the cool-down is a trial; one more failure reopens the breaker.
 //!
@@ -125,22 +129,47 @@ impl Gate {
 }
 
 /// An event counted in an org's waiting room until it goes (or its future is dropped).
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a> {
+    org: &'a AtomicUsize,
+    /// The shared room's count, when the event waits there.
+    shared: Option<&'a AtomicUsize>,
+}
 
 impl<'a> Waiting<'a> {
-    /// A place in the room, unless `room` events wait already.
-    fn enter(waiting: &'a AtomicUsize, room: usize) -> Option<Waiting<'a>> {
-        if waiting.fetch_add(1, Ordering::SeqCst) >= room {
-            waiting.fetch_sub(1, Ordering::SeqCst);
-            return None;
+    /// A place in the org's own room, unless `room` of its events wait already; else one in
+    /// the room all orgs share, unless that holds `shared_room` events (or the org's share
+    /// is 0: its events then go to a replica that has one).
+    fn enter(
+        org: &'a AtomicUsize,
+        room: usize,
+        shared: &'a AtomicUsize,
+        shared_room: usize,
+    ) -> Option<Waiting<'a>> {
+        // The org's count includes its events in the shared room; those entered after the
+        // others and leave after them (the semaphore is fair), so the count stays true.
+        if org.fetch_add(1, Ordering::SeqCst) < room {
+            return Some(Waiting { org, shared: None });
         }
-        Some(Waiting(waiting))
+        if room > 0 && shared.fetch_add(1, Ordering::SeqCst) < shared_room {
+            return Some(Waiting {
+                org,
+                shared: Some(shared),
+            });
+        }
+        if room > 0 {
+            shared.fetch_sub(1, Ordering::SeqCst);
+        }
+        org.fetch_sub(1, Ordering::SeqCst);
+        None
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.org.fetch_sub(1, Ordering::SeqCst);
+        if let Some(shared) = self.shared {
+            shared.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -186,6 +215,9 @@ pub enum Admission {
 #[derive(Default)]
 pub struct OrgGates {
     inner: Mutex<Gates>,
+    /// Events waiting beyond their org's own room, and how many may.
+    shared_waiting: AtomicUsize,
+    shared_room: usize,
     /// Wakes `share_caps` when this replica starts serving a capped org.
     announce: Notify,
 }
@@ -198,6 +230,15 @@ struct Gates {
 }
 
 impl OrgGates {
+    /// Gates whose orgs may also wait, beyond their own room, in a room of `shared_room`
+    /// events they all share. `Default` has none.
+    pub fn with_shared_room(shared_room: usize) -> OrgGates {
+        OrgGates {
+            shared_room,
+            ..OrgGates::default()
+        }
+    }
+
     fn gate(&self, org: &str, cap: Option<u32>) -> Arc<Gate> {
         let mut inner = lock(&self.inner);
         let peers = inner.peers.get(org).copied().unwrap_or_default();
@@ -247,7 +288,8 @@ impl OrgGates {
             return go(permit);
         }
         let limit = lock(&gate.slots).limit as usize;
-        let Some(_waiting) = Waiting::enter(&gate.waiting, limit) else {
+        let entered = Waiting::enter(&gate.waiting, limit, &self.shared_waiting, self.shared_room);
+        let Some(_waiting) = entered else {
             return Admission::Defer {
                 delay: BUSY_DEFERRAL,
                 reason: "org_busy",
@@ -500,6 +542,60 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(held);
         assert!(waiter.await.unwrap(), "waited in the room, not deferred");
+    }
+
+    #[tokio::test]
+    async fn beyond_its_own_room_an_org_waits_in_the_shared_one_while_it_has_places() {
+        let gates = Arc::new(OrgGates::with_shared_room(2));
+        let held = go(gates.admit("a", Some(1)).await);
+        let mut waiters = Vec::new();
+        // One in a's own room, two in the shared room.
+        for _ in 0..3 {
+            let gates = gates.clone();
+            waiters.push(tokio::spawn(async move {
+                matches!(gates.admit("a", Some(1)).await, Admission::Go(_))
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(
+            gates.admit("a", Some(1)).await,
+            Admission::Defer {
+                reason: "org_busy",
+                ..
+            }
+        ));
+        // Another org still has its own room, but no place left in the shared one.
+        let held_b = go(gates.admit("b", Some(1)).await);
+        let b_waiter = tokio::spawn({
+            let gates = gates.clone();
+            async move { matches!(gates.admit("b", Some(1)).await, Admission::Go(_)) }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(matches!(
+            gates.admit("b", Some(1)).await,
+            Admission::Defer { .. }
+        ));
+        drop(held);
+        drop(held_b);
+        for waiter in waiters {
+            assert!(
+                waiter.await.unwrap(),
+                "every waiting event of a goes in turn"
+            );
+        }
+        assert!(b_waiter.await.unwrap());
+        // An org whose share is 0 does not wait at all: a replica with a share takes it.
+        gates.share_with(vec![(
+            "c".to_owned(),
+            Peers {
+                others: 1,
+                before: 1,
+            },
+        )]);
+        assert!(matches!(
+            gates.admit("c", Some(1)).await,
+            Admission::Defer { .. }
+        ));
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! One delivery's trip: parse → ledger → config → prompt → run → record → publish → ack.
+//! One delivery's trip: parse → config → org gate → prompt → ledger → run → record → publish
+//! → ack.
 //!
 //! The order is what keeps the promises: no provider call without the org's own enabled
 //! config; the result is recorded in the ledger before it is published, and the delivery is
@@ -105,7 +106,7 @@ impl Pipeline {
         metrics::gauge!(m::EVENTS_IN_FLIGHT).decrement(1.0);
     }
 
-    /// The run, in three steps: admit (config, prompt, ledger, claim, org gate), the provider
+    /// The run, in three steps: admit (config, org gate, prompt, ledger, claim), the provider
     /// call, conclude (result, record, publish, ack). The first and the last are boxed
     /// futures of their own: a delivery waiting on its provider (seconds, thousands of them
     /// at once) then holds only what the call needs, not the state of every other step.
@@ -181,6 +182,17 @@ impl Pipeline {
             self.skip(worker, delivery, "worker_disabled").await;
             return None;
         }
+        // The org's gate comes first: an event deferred here costs no prompt and no ledger
+        // statement (a backlog of one org can be deferred many times over).
+        let attempts_before = deliver::attempts_header(delivery);
+        let mut permit = match self.gates.admit(org_id, config.max_concurrency).await {
+            gate::Admission::Go(permit) => permit,
+            gate::Admission::Defer { delay, reason } => {
+                self.park(worker, delivery, delay, attempts_before, reason)
+                    .await;
+                return None;
+            }
+        };
         let model = config.model_for(worker.name()).to_owned();
         let mode = config.profile.structured_mode();
         let prepared = match worker.prepare(
@@ -218,6 +230,7 @@ impl Pipeline {
         let start = self.db(|| self.ledger.begin_run(request.clone())).await?;
         m::record_step("start", step);
         if let Some(entry) = start.decided {
+            drop(permit);
             tracing::info!("already decided; republishing the recorded result");
             if self.publish_result(delivery, &entry).await {
                 // A redelivery after a crash between the result and its dead letter still
@@ -234,26 +247,31 @@ impl Pipeline {
         let claim = if start.claimed {
             self.hold(event, worker, holder)
         } else {
-            self.wait_for_holder(worker, delivery, event, holder)
-                .await?
+            // Another delivery of this event runs: its wait holds no place at the gate (the
+            // other one may be waiting for that very place).
+            drop(permit);
+            let claim = self
+                .wait_for_holder(worker, delivery, event, holder)
+                .await?;
+            // It died and this delivery took the claim over: through the gate again.
+            permit = match self.gates.admit(org_id, config.max_concurrency).await {
+                gate::Admission::Go(permit) => permit,
+                gate::Admission::Defer { delay, reason } => {
+                    claim.release().await;
+                    self.park(worker, delivery, delay, attempts_before, reason)
+                        .await;
+                    return None;
+                }
+            };
+            claim
         };
         if start.last_completed_hash.as_deref() == Some(prepared.input_hash.as_str()) {
+            drop(permit);
             tracing::info!("ticket content unchanged since the last run; skipped");
             claim.release().await;
             self.skip(worker, delivery, "unchanged").await;
             return None;
         }
-
-        let attempts_before = deliver::attempts_header(delivery);
-        let permit = match self.gates.admit(org_id, config.max_concurrency).await {
-            gate::Admission::Go(permit) => permit,
-            gate::Admission::Defer { delay, reason } => {
-                claim.release().await;
-                self.park(worker, delivery, delay, attempts_before, reason)
-                    .await;
-                return None;
-            }
-        };
         Some(Admitted {
             config,
             prepared,

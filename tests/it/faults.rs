@@ -382,7 +382,12 @@ async fn a_hanging_provider_does_not_delay_other_orgs() {
 /// and completes: the durable round trip that parked provider back-offs take too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
-    let mut h = Harness::start().await;
+    // A prefetch of 3 leaves no shared waiting room (a quarter of it).
+    let mut h = Harness::with(Options {
+        prefetch: 3,
+        ..Options::default()
+    })
+    .await;
     let server = steady_provider(Duration::from_secs(2)).await;
     // One call in flight and one event waiting: a third is deferred.
     set_capped_org(&h, "org_a", &server, 1).await;
@@ -407,6 +412,41 @@ async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
         .await;
     assert_eq!(deferred, 1.0);
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    h.finish().await;
+}
+
+/// An org's backlog beyond its own waiting room waits in the room all orgs share (a quarter
+/// of the prefetch) instead of cycling through the delay queue every 5 s, and an event
+/// deferred at the gate costs no ledger statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orgs_backlog_waits_in_the_shared_room_instead_of_cycling_through_delay_queues() {
+    let mut h = Harness::with(Options {
+        prefetch: 48,
+        ..Options::default()
+    })
+    .await;
+    let server = steady_provider(Duration::from_millis(300)).await;
+    set_capped_org(&h, "org_a", &server, 2).await;
+    let n = 30;
+    let ids = h.publish_many("backlog", n, &["org_a"]).await;
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids, Duration::from_secs(60)).await;
+    assert_exactly_once(&ids, &seen);
+    // 2 calls, 2 in the org's own room and 12 in the shared one: 14 deferred once, and back
+    // after 5 s to a gate that has room for all. Without the shared room every wave of
+    // returning events found 4 places: ≈100 deferrals.
+    let deferred = h
+        .counter("copilot_events_parked_total{worker=\"summarize\",reason=\"org_busy\"}")
+        .await;
+    assert!(deferred > 0.0, "the backlog exceeded the rooms");
+    assert!(deferred < n as f64, "{deferred} deferrals for {n} events");
+    let starts = h
+        .counter("copilot_step_duration_seconds_count{step=\"start\"}")
+        .await;
+    assert_eq!(
+        starts, n as f64,
+        "one ledger start per event, none for a deferral"
+    );
     h.finish().await;
 }
 

@@ -133,9 +133,9 @@ async fn an_orgs_cap_holds_across_two_replicas() {
         || async { h.queue_consumers(&queue).await == 2 },
     )
     .await;
-    // Each replica lets its share go and as many wait; the rest are deferred for 5 s and come
-    // back in waves, so a few waves make the test.
-    let ids = h.publish_many("capped", 40, &[ORG]).await;
+    // Each replica lets its share go and holds a few more waiting; the rest are deferred for
+    // 5 s and come back in waves, the first of them after both replicas share the cap.
+    let ids = h.publish_many("capped", 100, &[ORG]).await;
     // Each replica says it serves the org at once, and reads the other's row at its next
     // beat; the first wave (before that) may hold a share more than the cap.
     h.eventually(
