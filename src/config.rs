@@ -46,7 +46,8 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_DB_POOL_SIZE", global = true)]
     pub db_pool_size: Option<usize>,
 
-    /// Deliveries held unacknowledged per worker queue. Default: 200.
+    /// Deliveries held unacknowledged per worker queue; a quarter of it is the waiting room
+    /// that orgs at their cap share (`pipeline::gate`). Default: 200.
     #[arg(long, env = "COPILOT_PREFETCH", global = true)]
     pub prefetch: Option<u16>,
 
