@@ -124,8 +124,8 @@ async fn an_orgs_cap_holds_across_two_replicas() {
     );
     config.max_concurrency = Some(cap);
     h.set_config(config).await;
-    let first = h.spawn_binary();
-    let second = h.spawn_binary();
+    let mut first = h.spawn_binary();
+    let mut second = h.spawn_binary();
     let queue = h.topology.worker_queue("summarize");
     h.eventually(
         Duration::from_secs(20),
@@ -160,7 +160,17 @@ async fn an_orgs_cap_holds_across_two_replicas() {
         peak <= u64::from(cap),
         "{peak} calls in flight at once, over the org's cap of {cap}"
     );
+    // A replica that stops removes its rows once drained: the cap is whole again at once,
+    // not when the rows lapse.
     first.signal("-TERM");
     second.signal("-TERM");
+    for replica in [&mut first, &mut second] {
+        let status = tokio::time::timeout(Duration::from_secs(15), replica.child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+    assert_eq!(replicas_serving(&h, ORG).await, 0, "rows left behind");
     h.finish().await;
 }
