@@ -5,7 +5,10 @@
 //! the wall. A [`Batcher`] hands requests to at most `flushes` statements at a time: while they
 //! run, new requests queue, and the next statement takes all of them at once (up to
 //! `max_batch`). At low load a request goes out alone and at once, so no latency is added;
-//! under load one statement and one commit serve hundreds of events.
+//! under load one statement and one commit serve hundreds of events. When nothing is queued
+//! and a statement slot is free, the caller runs its request itself instead of handing it to
+//! the batching task and back (two task hand-offs, each a thread wake-up when the machine is
+//! not saturated).
 //!
 //! Two requests with the same key never share a statement (one multi-row upsert cannot touch a
 //! row twice): the later waits for the next statement, where it meets the row the first left.
@@ -15,23 +18,48 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::StoreError;
 
 type Reply<Resp> = oneshot::Sender<Result<Resp, StoreError>>;
+type Outcome<Req, Resp> = (Vec<Req>, Result<Vec<Resp>, StoreError>);
+type RunFn<Req, Resp> =
+    dyn Fn(Vec<Req>) -> Pin<Box<dyn Future<Output = Outcome<Req, Resp>> + Send>> + Send + Sync;
 
 /// Submits requests to a background task that runs them in batches.
 pub struct Batcher<Req, Resp> {
     queue: mpsc::UnboundedSender<(Req, Reply<Resp>)>,
+    shared: Arc<Shared<Req, Resp>>,
+}
+
+/// What callers and the batching task share.
+struct Shared<Req, Resp> {
+    /// The statement's name, a metric label.
+    name: &'static str,
+    /// One permit per statement that may run at a time.
+    slots: Arc<Semaphore>,
+    /// Requests sent to the batching task and not yet in a statement.
+    queued: AtomicUsize,
+    run: Box<RunFn<Req, Resp>>,
+}
+
+impl<Req, Resp> Shared<Req, Resp> {
+    fn count_rows(&self, rows: usize) {
+        metrics::histogram!(crate::telemetry::LEDGER_BATCH_ROWS, "statement" => self.name)
+            .record(rows as f64);
+    }
 }
 
 impl<Req, Resp> Clone for Batcher<Req, Resp> {
     fn clone(&self) -> Self {
         Batcher {
             queue: self.queue.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -55,50 +83,58 @@ where
         K: Eq + Hash + 'static,
         KeyFn: Fn(&Req) -> K + Send + 'static,
         Run: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = (Vec<Req>, Result<Vec<Resp>, StoreError>)> + Send + 'static,
+        Fut: Future<Output = Outcome<Req, Resp>> + Send + 'static,
     {
         let (queue, requests) = mpsc::unbounded_channel();
-        tokio::spawn(collect(
+        let shared = Arc::new(Shared {
             name,
-            requests,
-            max_batch.max(1),
-            flushes.max(1),
-            key,
-            Arc::new(run),
-        ));
-        Batcher { queue }
+            slots: Arc::new(Semaphore::new(flushes.max(1))),
+            queued: AtomicUsize::new(0),
+            run: Box::new(move |requests: Vec<Req>| {
+                Box::pin(run(requests)) as Pin<Box<dyn Future<Output = _> + Send>>
+            }),
+        });
+        tokio::spawn(collect(requests, max_batch.max(1), key, shared.clone()));
+        Batcher { queue, shared }
     }
 
     /// Runs `request` in the next batch and returns its response.
     pub async fn submit(&self, request: Req) -> Result<Resp, StoreError> {
         let (reply, response) = oneshot::channel();
-        if self.queue.send((request, reply)).is_err() {
-            return Err(StoreError::Closed);
+        let shared = &self.shared;
+        if shared.queued.load(Ordering::SeqCst) == 0
+            && let Ok(slot) = shared.slots.clone().try_acquire_owned()
+        {
+            // Nothing waits for a statement and one may start: this request is a batch of one
+            // whichever task runs it, so it runs here.
+            shared.count_rows(1);
+            flush(&*shared.run, vec![(request, reply)]).await;
+            drop(slot);
+        } else {
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            if self.queue.send((request, reply)).is_err() {
+                return Err(StoreError::Closed);
+            }
         }
         response.await.unwrap_or(Err(StoreError::Closed))
     }
 }
 
-async fn collect<Req, Resp, K, KeyFn, Run, Fut>(
-    name: &'static str,
+async fn collect<Req, Resp, K, KeyFn>(
     mut requests: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>,
     max_batch: usize,
-    flushes: usize,
     key: KeyFn,
-    run: Arc<Run>,
+    shared: Arc<Shared<Req, Resp>>,
 ) where
     Req: Send + 'static,
     Resp: Send + 'static,
     K: Eq + Hash + 'static,
     KeyFn: Fn(&Req) -> K,
-    Run: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = (Vec<Req>, Result<Vec<Resp>, StoreError>)> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(flushes));
     let mut waiting: Vec<(Req, Reply<Resp>)> = Vec::new();
     loop {
         // Take a statement slot first: requests pile up in the channel meanwhile.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Ok(slot) = shared.slots.clone().acquire_owned().await else {
             return;
         };
         let mut pending = std::mem::take(&mut waiting);
@@ -116,21 +152,18 @@ async fn collect<Req, Resp, K, KeyFn, Run, Fut>(
             .into_iter()
             .partition(|(req, _)| seen.insert(key(req)));
         waiting = later;
-        metrics::histogram!(crate::telemetry::LEDGER_BATCH_ROWS, "statement" => name)
-            .record(batch.len() as f64);
-        let run = run.clone();
+        // Those left for the next statement still count as queued.
+        shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        shared.count_rows(batch.len());
+        let shared = shared.clone();
         tokio::spawn(async move {
-            flush(&*run, batch).await;
+            flush(&*shared.run, batch).await;
             drop(slot);
         });
     }
 }
 
-async fn flush<Req, Resp, Run, Fut>(run: &Run, batch: Vec<(Req, Reply<Resp>)>)
-where
-    Run: Fn(Vec<Req>) -> Fut,
-    Fut: Future<Output = (Vec<Req>, Result<Vec<Resp>, StoreError>)>,
-{
+async fn flush<Req, Resp>(run: &RunFn<Req, Resp>, batch: Vec<(Req, Reply<Resp>)>) {
     let (requests, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
     let size = requests.len();
     let (requests, outcome) = run(requests).await;
@@ -237,6 +270,29 @@ mod tests {
         );
         assert_eq!(batches[0], vec![1]);
         assert_eq!(batches[1].len(), 39);
+    }
+
+    #[tokio::test]
+    async fn a_request_alone_runs_in_its_callers_task() {
+        let ran_in = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Batcher::start("test", 100, 2, |n: &u32| *n, {
+            let ran_in = ran_in.clone();
+            move |requests: Vec<u32>| {
+                let ran_in = ran_in.clone();
+                async move {
+                    ran_in.lock().unwrap().push(tokio::task::try_id());
+                    let doubled = requests.iter().map(|n| n * 2).collect();
+                    (requests, Ok(doubled))
+                }
+            }
+        });
+        let caller = tokio::spawn(async move {
+            let answer = batcher.submit(21).await.unwrap();
+            (answer, tokio::task::id())
+        });
+        let (answer, caller_id) = caller.await.unwrap();
+        assert_eq!(answer, 42);
+        assert_eq!(*ran_in.lock().unwrap(), [Some(caller_id)]);
     }
 
     #[tokio::test]
