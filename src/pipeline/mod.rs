@@ -185,14 +185,10 @@ impl Pipeline {
         // The org's gate comes first: an event deferred here costs no prompt and no ledger
         // statement (a backlog of one org can be deferred many times over).
         let attempts_before = deliver::attempts_header(delivery);
-        let mut permit = match self.gates.admit(org_id, config.max_concurrency).await {
-            gate::Admission::Go(permit) => permit,
-            gate::Admission::Defer { delay, reason } => {
-                self.park(worker, delivery, delay, attempts_before, reason)
-                    .await;
-                return None;
-            }
-        };
+        let cap = config.max_concurrency;
+        let mut permit = self
+            .through_gate(worker, delivery, org_id, cap, attempts_before)
+            .await?;
         let model = config.model_for(worker.name()).to_owned();
         let mode = config.profile.structured_mode();
         let prepared = match worker.prepare(
@@ -254,15 +250,14 @@ impl Pipeline {
                 .wait_for_holder(worker, delivery, event, holder)
                 .await?;
             // It died and this delivery took the claim over: through the gate again.
-            permit = match self.gates.admit(org_id, config.max_concurrency).await {
-                gate::Admission::Go(permit) => permit,
-                gate::Admission::Defer { delay, reason } => {
-                    claim.release().await;
-                    self.park(worker, delivery, delay, attempts_before, reason)
-                        .await;
-                    return None;
-                }
+            let Some(again) = self
+                .through_gate(worker, delivery, org_id, cap, attempts_before)
+                .await
+            else {
+                claim.release().await;
+                return None;
             };
+            permit = again;
             claim
         };
         if start.last_completed_hash.as_deref() == Some(prepared.input_hash.as_str()) {
@@ -280,6 +275,24 @@ impl Pipeline {
             permit,
             attempts_before,
         })
+    }
+
+    /// Through the org's gate: its permit, or `None` once the delivery is parked.
+    async fn through_gate(
+        &self,
+        worker: &Worker,
+        delivery: &Delivery,
+        org_id: &str,
+        cap: Option<u32>,
+        attempts: u32,
+    ) -> Option<gate::OrgPermit> {
+        match self.gates.admit(org_id, cap).await {
+            gate::Admission::Go(permit) => Some(permit),
+            gate::Admission::Defer { delay, reason } => {
+                self.park(worker, delivery, delay, attempts, reason).await;
+                None
+            }
+        }
     }
 
     /// Everything after the provider call: the result event, the ledger, the publish, the
