@@ -107,6 +107,14 @@ impl Gate {
         slots.limit = limit;
     }
 
+    /// Resizes to the limit the org's cap and `peers` give, when that changed.
+    fn refit(&self, slots: &mut Slots, peers: Peers) {
+        let limit = limit_for(slots.cap, peers);
+        if limit != slots.limit {
+            self.resize(slots, limit);
+        }
+    }
+
     /// Calls in flight or waiting here now.
     fn busy(&self, slots: &Slots) -> bool {
         let issued = (slots.limit + slots.debt) as usize;
@@ -227,19 +235,19 @@ impl OrgGates {
 
     fn gate(&self, org: &str, cap: Option<u32>) -> Arc<Gate> {
         let mut inner = lock(&self.inner);
-        let peers = inner.peers.get(org).copied().unwrap_or_default();
+        let peers = |inner: &Gates| inner.peers.get(org).copied().unwrap_or_default();
         if let Some(gate) = inner.by_org.get(org) {
             let mut slots = lock(&gate.slots);
             if slots.cap != cap {
                 // The org's cap changed: the same gate, resized, so that calls in flight
                 // under the old cap still count.
                 slots.cap = cap;
-                gate.resize(&mut slots, limit_for(cap, peers));
+                gate.refit(&mut slots, peers(&inner));
             }
             drop(slots);
             return gate.clone();
         }
-        let gate = Arc::new(Gate::new(cap, peers));
+        let gate = Arc::new(Gate::new(cap, peers(&inner)));
         inner.by_org.insert(org.to_owned(), gate.clone());
         gate
     }
@@ -333,10 +341,7 @@ mod tests {
             Admission::Defer { .. } => panic!("the first call goes"),
         };
         let gates = Arc::new(gates);
-        let waiter = tokio::spawn({
-            let gates = gates.clone();
-            async move { matches!(gates.admit("a", Some(1)).await, Admission::Go(_)) }
-        });
+        let waiter = spawn_admit(&gates, "a", 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(matches!(
             gates.admit("a", Some(1)).await,
@@ -352,6 +357,16 @@ mod tests {
             waiter.await.unwrap(),
             "the waiting event goes once a permit frees"
         );
+    }
+
+    /// An event of `org` admitted in a task of its own: whether it went, once it did.
+    fn spawn_admit(
+        gates: &Arc<OrgGates>,
+        org: &'static str,
+        cap: u32,
+    ) -> tokio::task::JoinHandle<bool> {
+        let gates = gates.clone();
+        tokio::spawn(async move { matches!(gates.admit(org, Some(cap)).await, Admission::Go(_)) })
     }
 
     fn go(admission: Admission) -> OrgPermit {
@@ -417,10 +432,7 @@ mod tests {
         for _ in 0..3 {
             assert!(!would_go(&gates, "a", Some(1)).await);
         }
-        let waiter = tokio::spawn({
-            let gates = gates.clone();
-            async move { matches!(gates.admit("a", Some(1)).await, Admission::Go(_)) }
-        });
+        let waiter = spawn_admit(&gates, "a", 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(held);
         assert!(waiter.await.unwrap(), "waited in the room, not deferred");
@@ -433,10 +445,7 @@ mod tests {
         let mut waiters = Vec::new();
         // One in a's own room, two in the shared room.
         for _ in 0..3 {
-            let gates = gates.clone();
-            waiters.push(tokio::spawn(async move {
-                matches!(gates.admit("a", Some(1)).await, Admission::Go(_))
-            }));
+            waiters.push(spawn_admit(&gates, "a", 1));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(matches!(
@@ -448,10 +457,7 @@ mod tests {
         ));
         // Another org still has its own room, but no place left in the shared one.
         let held_b = go(gates.admit("b", Some(1)).await);
-        let b_waiter = tokio::spawn({
-            let gates = gates.clone();
-            async move { matches!(gates.admit("b", Some(1)).await, Admission::Go(_)) }
-        });
+        let b_waiter = spawn_admit(&gates, "b", 1);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(matches!(
             gates.admit("b", Some(1)).await,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{OrgGates, Peers, limit_for, lock};
+use super::{OrgGates, Peers, lock};
 use crate::store::Store;
 
 /// How often a replica tells the others which capped orgs it serves, and learns theirs.
@@ -53,10 +53,13 @@ impl OrgGates {
             if slots.cap.is_none() {
                 continue;
             }
-            let limit = limit_for(slots.cap, inner.peers.get(org).copied().unwrap_or_default());
-            if limit != slots.limit {
-                tracing::debug!(org_id = %org, from = slots.limit, to = limit, "org's share of its cap changed");
-                gate.resize(&mut slots, limit);
+            let before = slots.limit;
+            gate.refit(
+                &mut slots,
+                inner.peers.get(org).copied().unwrap_or_default(),
+            );
+            if slots.limit != before {
+                tracing::debug!(org_id = %org, from = before, to = slots.limit, "org's share of its cap changed");
             }
         }
     }
