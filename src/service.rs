@@ -164,6 +164,7 @@ pub async fn run(
         gates,
         instance: instance.clone(),
         claims,
+        draining: shutdown.clone(),
         abandon: abandon.clone(),
     });
 
@@ -217,7 +218,7 @@ pub async fn run(
     tracing::info!(workers = ?names, "copilot-workers running");
 
     shutdown.cancelled().await;
-    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new deliveries; draining in-flight work");
+    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new deliveries or runs; draining the runs in flight");
     consumers.wait().await;
     deliveries.close();
     if tokio::time::timeout(settings.shutdown_grace, deliveries.wait())

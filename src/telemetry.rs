@@ -56,7 +56,7 @@ fn describe() {
     );
     describe_counter!(
         EVENTS_PARKED,
-        "Events parked in a delay queue instead of holding a consumer slot, by worker and reason (provider_backoff, org_busy, circuit_open)."
+        "Events parked in a delay queue instead of holding a consumer slot, by worker and reason (provider_backoff, org_busy, circuit_open, shutdown)."
     );
     describe_counter!(
         RESULTS_PUBLISHED,

@@ -68,6 +68,10 @@ pub struct Pipeline {
     pub instance: String,
     /// The claims this process holds, for their renewal.
     pub claims: claim::HeldClaims,
+    /// Fires when shutdown begins: from then on no event starts its run. One not yet through
+    /// its org's gate (waiting there, or not yet come to it) is parked for the shortest delay
+    /// instead, for another replica or this one restarted; runs already started finish.
+    pub draining: CancellationToken,
     /// Fires when the shutdown grace period is over: waits give up and leave the delivery
     /// unacked, so the broker hands it to another consumer.
     pub abandon: CancellationToken,
@@ -277,7 +281,10 @@ impl Pipeline {
         })
     }
 
-    /// Through the org's gate: its permit, or `None` once the delivery is parked.
+    /// Through the org's gate: its permit, or `None` once the delivery is parked. Once
+    /// shutdown begins nothing goes through: a run started then would lengthen the drain,
+    /// and one cut short at the end of the grace period would cost the org a call whose
+    /// answer is thrown away. A wait given up frees its place in the waiting room.
     async fn through_gate(
         &self,
         worker: &Worker,
@@ -286,7 +293,15 @@ impl Pipeline {
         cap: Option<u32>,
         attempts: u32,
     ) -> Option<gate::OrgPermit> {
-        match self.gates.admit(org_id, cap).await {
+        let admission = tokio::select! {
+            biased;
+            () = self.draining.cancelled() => gate::Admission::Defer {
+                delay: gate::BUSY_DEFERRAL,
+                reason: "shutdown",
+            },
+            admission = self.gates.admit(org_id, cap) => admission,
+        };
+        match admission {
             gate::Admission::Go(permit) => Some(permit),
             gate::Admission::Defer { delay, reason } => {
                 self.park(worker, delivery, delay, attempts, reason).await;

@@ -415,6 +415,57 @@ async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
     h.finish().await;
 }
 
+/// Shutdown starts no provider call: the run in flight finishes, and the events waiting at
+/// their org's gate are parked (not each given a call during the drain) for the next
+/// process, which completes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_parks_the_events_waiting_at_the_gate_and_starts_no_call() {
+    let mut h = Harness::with(Options {
+        prefetch: 48,
+        ..Options::default()
+    })
+    .await; // shutdown grace: 5 s
+    let server = steady_provider(Duration::from_millis(1500)).await;
+    // One call at a time: the other five wait at the gate.
+    set_capped_org(&h, "org_a", &server, 1).await;
+    let n = 6;
+    let ids = h.publish_many("drain", n, &["org_a"]).await;
+    let delay_queue = h.topology.delay_queue(
+        "summarize",
+        copilot_workers::broker::topology::DELAY_STEPS_SECS[0],
+    );
+    let waiting = copilot_workers::telemetry::EVENTS_IN_FLIGHT;
+    h.eventually(
+        Duration::from_secs(10),
+        "a call and five waiting",
+        || async {
+            let page = h.metrics().await;
+            let requests = server.received_requests().await.unwrap_or_default().len();
+            requests == 1 && crate::support::metric_value(&page, waiting) == n as f64
+        },
+    )
+    .await;
+    h.stop_service().await;
+    // Without the rule, the drain gave each waiting event its call until the grace period
+    // ended: four or five calls.
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    assert_eq!(h.queue_depth(&delay_queue).await, n as u32 - 1);
+    let (drained, _) = h
+        .next_result(Duration::from_secs(5))
+        .await
+        .expect("the run in flight was drained");
+    let mut seen = SeenResults::new();
+    seen.entry(drained.data.source_event_id.clone())
+        .or_default()
+        .insert(drained.id.clone());
+    let next = h.spawn_binary();
+    h.collect(&mut seen, &ids, Duration::from_secs(30)).await;
+    assert_exactly_once(&ids, &seen);
+    assert_eq!(server.received_requests().await.unwrap().len(), n);
+    next.signal("-TERM");
+    h.finish().await;
+}
+
 /// An org's backlog beyond its own waiting room waits in the room all orgs share (a quarter
 /// of the prefetch) instead of cycling through the delay queue every 5 s, and an event
 /// deferred at the gate costs no ledger statement.
