@@ -138,6 +138,16 @@ impl Topology {
             .unwrap_or(DELAY_STEPS_SECS[DELAY_STEPS_SECS.len() - 1])
     }
 
+    /// The largest delay step no longer than `wanted` (the smallest step otherwise): for a
+    /// wait that may end early but not late.
+    pub fn delay_step_within(wanted: std::time::Duration) -> u64 {
+        DELAY_STEPS_SECS
+            .into_iter()
+            .rev()
+            .find(|step| *step <= wanted.as_secs())
+            .unwrap_or(DELAY_STEPS_SECS[0])
+    }
+
     fn quorum_args(&self, dead_letter_exchange: &str) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long("quorum"));
@@ -345,5 +355,28 @@ impl Topology {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_minimum_wait_rounds_up_to_a_step_and_a_turn_rounds_down() {
+        let steps = |secs: u64| {
+            let wanted = Duration::from_secs(secs);
+            (
+                Topology::delay_step(wanted),
+                Topology::delay_step_within(wanted),
+            )
+        };
+        assert_eq!(steps(1), (5, 5));
+        assert_eq!(steps(5), (5, 5));
+        assert_eq!(steps(29), (30, 5));
+        assert_eq!(steps(30), (30, 30));
+        assert_eq!(steps(299), (300, 120));
+        assert_eq!(steps(5_000), (900, 900));
     }
 }

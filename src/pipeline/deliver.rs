@@ -2,7 +2,7 @@
 //! Each publishes first and acks only once the broker confirmed; while the broker cannot take
 //! the message, the delivery is held (not nacked) and the publish tried again.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -28,6 +28,22 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 /// Header giving when a delivery was dead-lettered (RFC 3339, UTC).
 pub const DEAD_LETTERED_AT_HEADER: &str = "x-copilot-dead-lettered-at";
+/// Header giving a parked event's turn at its org's gate (milliseconds since the Unix epoch).
+pub const TURN_HEADER: &str = "x-copilot-turn";
+
+/// Where and why a delivery is parked.
+pub(super) struct Parking {
+    /// How long it should wait.
+    pub delay: Duration,
+    /// Attempts spent on it so far.
+    pub attempts: u32,
+    /// A metric label.
+    pub reason: &'static str,
+    /// Its turn at the org's gate: the delay queue is then the longest that brings it back
+    /// by `delay` (early rather than late), and the turn goes with it. Without one, the
+    /// shortest that waits at least `delay` (a provider's back-off is a minimum).
+    pub turn: Option<SystemTime>,
+}
 
 impl Pipeline {
     /// Publishes a recorded result; false when it could not be confirmed (not acked then).
@@ -103,25 +119,48 @@ impl Pipeline {
         }
     }
 
-    /// Parks the delivery in the delay queue whose TTL covers `delay`, then acks it.
-    pub(super) async fn park(
-        &self,
-        worker: &Worker,
-        delivery: &Delivery,
-        delay: Duration,
-        attempts: u32,
-        reason: &'static str,
-    ) {
-        let step = Topology::delay_step(delay);
+    /// Parks the delivery in a delay queue (see [`Parking`]), then acks it.
+    pub(super) async fn park(&self, worker: &Worker, delivery: &Delivery, parking: Parking) {
+        let Parking {
+            delay,
+            attempts,
+            reason,
+            turn,
+        } = parking;
+        let step = match turn {
+            Some(_) => Topology::delay_step_within(delay),
+            None => Topology::delay_step(delay),
+        };
         let queue = self.topology.delay_queue(worker.name(), step);
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut headers = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .map(|headers| headers.inner().clone())
+            .unwrap_or_default();
+        // The parked copy is a new message: it does not carry the broker's record of the
+        // delay queues the event went through before. RabbitMQ reads that record to find
+        // dead-letter cycles, and drops (or, dead-lettering at least once, holds back) a
+        // message it takes for one; ours cannot form one today (a delay queue dead-letters
+        // only to the worker queue, which the record never names), and a copy that carries
+        // no record cannot be mistaken for one later.
+        headers.retain(|name, _| !is_death_header(name.as_str()));
         headers.insert(
             ATTEMPTS_HEADER.into(),
             AMQPValue::LongLongInt(i64::from(attempts)),
         );
+        match turn.and_then(|turn| turn.duration_since(UNIX_EPOCH).ok()) {
+            Some(since_epoch) => {
+                let millis = i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX);
+                headers.insert(TURN_HEADER.into(), AMQPValue::LongLongInt(millis));
+            }
+            None => {
+                headers.remove(TURN_HEADER);
+            }
+        }
         let content_type = content_type(delivery);
         let mut message = Outgoing::new("", &queue, &delivery.data);
-        message.headers = headers;
+        message.headers = FieldTable::from(headers);
         message.content_type = content_type.as_deref().unwrap_or(events::CLOUDEVENTS_JSON);
         match self.publish_held(&message, "parked").await {
             Ok(()) => {
@@ -226,6 +265,22 @@ pub(super) fn traceparent(delivery: &Delivery) -> Option<String> {
                     .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         });
     valid.then_some(text)
+}
+
+/// Whether a header is the broker's dead-lettering record (`x-death`, and the
+/// `x-first-death-*` and `x-last-death-*` summaries).
+fn is_death_header(name: &str) -> bool {
+    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
+}
+
+/// The turn a parked event carries at its org's gate, if any.
+pub(super) fn turn_header(delivery: &Delivery) -> Option<SystemTime> {
+    let millis = match header(delivery, TURN_HEADER)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(n).ok()?,
+        AMQPValue::LongInt(n) => u64::try_from(n).ok()?,
+        _ => return None,
+    };
+    UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }
 
 /// Attempts spent before the event was parked.

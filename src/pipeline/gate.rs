@@ -4,10 +4,12 @@
 //! An org may have `limit` provider calls in flight and `limit` more events waiting in
 //! process, and more in a waiting room all orgs share (a quarter of the prefetch: the rest of
 //! the window stays open for the other orgs' events); beyond that its events are deferred to
-//! a short delay queue instead of holding prefetch slots the other orgs need. Deferred events
-//! come back in a wave when the delay queue's TTL ends: the shared room lets a wave wait in
-//! process for the org's capacity instead of being deferred again, so that an org with a
-//! backlog keeps its calls busy between waves. After `BREAKER_THRESHOLD` consecutive transient
+//! a delay queue instead of holding prefetch slots the other orgs need. A deferred event is
+//! given a turn by its org's recent pace (`pace.rs`) and parked until about then, so that a
+//! backlog comes back as the org can take it instead of all of it every 5 s. Deferred events
+//! still come back in waves (a delay queue's TTL is per queue): the shared room lets a wave
+//! wait in process for the org's capacity instead of being deferred again, so that an org
+//! with a backlog keeps its calls busy between waves. After `BREAKER_THRESHOLD` consecutive transient
 //! failures the org's breaker opens for `BREAKER_COOLDOWN`: its events are deferred without a
 //! call. The first event after the cool-down is a trial; one more failure reopens the breaker.
 //!
@@ -22,12 +24,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use crate::store::presence::Peers;
+use pace::{TURN_HORIZON, Turn};
 pub use share::{PRESENCE_WINDOW, SHARE_EVERY, share, share_caps};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+mod pace;
 mod share;
 
 /// Provider calls in flight per org and replica when the org's config sets no cap.
@@ -36,7 +40,8 @@ pub const DEFAULT_ORG_CAP: u32 = 32;
 pub const BREAKER_THRESHOLD: u32 = 5;
 /// How long an open breaker defers the org's events.
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
-/// How long an event of an org at its cap waits in the delay queue.
+/// How long an event of an org at its cap waits in the delay queue when there is no pace to
+/// give it a turn by; the shortest wait otherwise.
 pub const BUSY_DEFERRAL: Duration = Duration::from_secs(5);
 
 /// Recovers the guard of a poisoned lock: every value behind these locks stays consistent
@@ -64,6 +69,7 @@ struct Gate {
     /// The last beat told the other replicas this one serves the org.
     announced: AtomicBool,
     breaker: Mutex<Breaker>,
+    pace: Mutex<pace::Pace>,
 }
 
 struct Slots {
@@ -89,6 +95,7 @@ impl Gate {
             active: AtomicBool::new(false),
             announced: AtomicBool::new(false),
             breaker: Mutex::new(Breaker::default()),
+            pace: Mutex::new(pace::Pace::default()),
         }
     }
 
@@ -112,6 +119,26 @@ impl Gate {
         let limit = limit_for(slots.cap, peers);
         if limit != slots.limit {
             self.resize(slots, limit);
+        }
+    }
+
+    /// Defers an event that found no room (see `pace.rs`), with the turn it `carried` if any.
+    fn defer_busy(&self, limit: u32, carried: Option<SystemTime>) -> Admission {
+        let now = SystemTime::now();
+        let ahead = limit as usize + self.waiting.load(Ordering::SeqCst);
+        let (delay, turn) = match lock(&self.pace).turn(now, limit, ahead, carried) {
+            // A turn passed (or less than the shortest deferral away) waits the shortest.
+            Some(Turn::At(turn)) => {
+                let delay = turn.duration_since(now).unwrap_or_default();
+                (delay.max(BUSY_DEFERRAL), Some(turn))
+            }
+            Some(Turn::Beyond) => (TURN_HORIZON, None),
+            None => (BUSY_DEFERRAL, None),
+        };
+        Admission::Defer {
+            delay,
+            reason: "org_busy",
+            turn,
         }
     }
 
@@ -177,6 +204,15 @@ struct Breaker {
 pub struct OrgPermit {
     gate: Arc<Gate>,
     permit: Option<OwnedSemaphorePermit>,
+    since: Instant,
+}
+
+impl OrgPermit {
+    /// Gives the permit back after a call, which sets the org's pace. A permit given back
+    /// without a call (a republished result, unchanged content) is simply dropped.
+    pub fn call_ended(self) {
+        lock(&self.gate.pace).record(self.since.elapsed());
+    }
 }
 
 impl Drop for OrgPermit {
@@ -198,10 +234,13 @@ impl Drop for OrgPermit {
 pub enum Admission {
     /// Go; the permit is held for the duration of the call.
     Go(OrgPermit),
-    /// Not now: park the event for this long. `reason` is a metric label.
+    /// Not now: park the event for this long. `reason` is a metric label. With a `turn`
+    /// (when the org's pace should have room for the event), `delay` leads to it: the event
+    /// carries it, and may come back early, never late.
     Defer {
         delay: Duration,
         reason: &'static str,
+        turn: Option<SystemTime>,
     },
 }
 
@@ -252,8 +291,9 @@ impl OrgGates {
         gate
     }
 
-    /// Admits an event of `org` (whose config caps it at `cap`, if set).
-    pub async fn admit(&self, org: &str, cap: Option<u32>) -> Admission {
+    /// Admits an event of `org` (whose config caps it at `cap`, if set) that carries `turn`
+    /// if it was deferred before.
+    pub async fn admit(&self, org: &str, cap: Option<u32>, turn: Option<SystemTime>) -> Admission {
         let gate = self.gate(org, cap);
         if cap.is_some() {
             gate.active.store(true, Ordering::SeqCst);
@@ -269,6 +309,7 @@ impl OrgGates {
                 return Admission::Defer {
                     delay: until - now,
                     reason: "circuit_open",
+                    turn: None,
                 };
             }
         }
@@ -276,18 +317,21 @@ impl OrgGates {
             Admission::Go(OrgPermit {
                 gate: gate.clone(),
                 permit: Some(permit),
+                since: Instant::now(),
             })
         };
         if let Ok(permit) = gate.permits.clone().try_acquire_owned() {
             return go(permit);
         }
-        let limit = lock(&gate.slots).limit as usize;
-        let entered = Waiting::enter(&gate.waiting, limit, &self.shared_waiting, self.shared_room);
+        let limit = lock(&gate.slots).limit;
+        let entered = Waiting::enter(
+            &gate.waiting,
+            limit as usize,
+            &self.shared_waiting,
+            self.shared_room,
+        );
         let Some(_waiting) = entered else {
-            return Admission::Defer {
-                delay: BUSY_DEFERRAL,
-                reason: "org_busy",
-            };
+            return gate.defer_busy(limit, turn);
         };
         match gate.permits.clone().acquire_owned().await {
             Ok(permit) => go(permit),
@@ -295,6 +339,7 @@ impl OrgGates {
             Err(_) => Admission::Defer {
                 delay: BUSY_DEFERRAL,
                 reason: "org_busy",
+                turn: None,
             },
         }
     }
@@ -336,7 +381,7 @@ mod tests {
     #[tokio::test]
     async fn an_org_at_its_cap_defers_beyond_its_waiting_room() {
         let gates = OrgGates::default();
-        let first = match gates.admit("a", Some(1)).await {
+        let first = match gates.admit("a", Some(1), None).await {
             Admission::Go(permit) => permit,
             Admission::Defer { .. } => panic!("the first call goes"),
         };
@@ -344,14 +389,17 @@ mod tests {
         let waiter = spawn_admit(&gates, "a", 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(matches!(
-            gates.admit("a", Some(1)).await,
+            gates.admit("a", Some(1), None).await,
             Admission::Defer {
                 reason: "org_busy",
                 ..
             }
         ));
         // Another org is not affected.
-        assert!(matches!(gates.admit("b", Some(1)).await, Admission::Go(_)));
+        assert!(matches!(
+            gates.admit("b", Some(1), None).await,
+            Admission::Go(_)
+        ));
         drop(first);
         assert!(
             waiter.await.unwrap(),
@@ -366,7 +414,9 @@ mod tests {
         cap: u32,
     ) -> tokio::task::JoinHandle<bool> {
         let gates = gates.clone();
-        tokio::spawn(async move { matches!(gates.admit(org, Some(cap)).await, Admission::Go(_)) })
+        tokio::spawn(
+            async move { matches!(gates.admit(org, Some(cap), None).await, Admission::Go(_)) },
+        )
     }
 
     fn go(admission: Admission) -> OrgPermit {
@@ -379,7 +429,7 @@ mod tests {
     /// Whether an event of `org` would go within a moment.
     async fn would_go(gates: &OrgGates, org: &str, cap: Option<u32>) -> bool {
         matches!(
-            tokio::time::timeout(Duration::from_millis(20), gates.admit(org, cap)).await,
+            tokio::time::timeout(Duration::from_millis(20), gates.admit(org, cap, None)).await,
             Ok(Admission::Go(_))
         )
     }
@@ -389,7 +439,7 @@ mod tests {
         let gates = OrgGates::default();
         let mut held: Vec<OrgPermit> = Vec::new();
         for _ in 0..4 {
-            held.push(go(gates.admit("a", Some(4)).await));
+            held.push(go(gates.admit("a", Some(4), None).await));
         }
         // Another replica serves the org and sorts first: this one's share is 2 of 4.
         let peer = Peers {
@@ -405,21 +455,21 @@ mod tests {
         // The other replica left: the whole cap is this one's again.
         gates.share_with(Vec::new());
         for _ in 0..3 {
-            held.push(go(gates.admit("a", Some(4)).await));
+            held.push(go(gates.admit("a", Some(4), None).await));
         }
         assert!(!would_go(&gates, "a", Some(4)).await, "4 in flight of 4");
         // An org without a cap of its own is not shared.
         gates.share_with(vec![("b".to_owned(), peer)]);
         for _ in 0..DEFAULT_ORG_CAP {
-            held.push(go(gates.admit("b", None).await));
+            held.push(go(gates.admit("b", None, None).await));
         }
     }
 
     #[tokio::test]
     async fn a_changed_cap_counts_the_calls_in_flight() {
         let gates = OrgGates::default();
-        let first = go(gates.admit("a", Some(3)).await);
-        let _second = go(gates.admit("a", Some(3)).await);
+        let first = go(gates.admit("a", Some(3), None).await);
+        let _second = go(gates.admit("a", Some(3), None).await);
         assert!(!would_go(&gates, "a", Some(1)).await, "2 in flight of 1");
         drop(first);
         assert!(!would_go(&gates, "a", Some(1)).await, "1 in flight of 1");
@@ -428,7 +478,7 @@ mod tests {
     #[tokio::test]
     async fn a_wait_given_up_leaves_the_waiting_room() {
         let gates = Arc::new(OrgGates::default());
-        let held = go(gates.admit("a", Some(1)).await);
+        let held = go(gates.admit("a", Some(1), None).await);
         for _ in 0..3 {
             assert!(!would_go(&gates, "a", Some(1)).await);
         }
@@ -441,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn beyond_its_own_room_an_org_waits_in_the_shared_one_while_it_has_places() {
         let gates = Arc::new(OrgGates::with_shared_room(2));
-        let held = go(gates.admit("a", Some(1)).await);
+        let held = go(gates.admit("a", Some(1), None).await);
         let mut waiters = Vec::new();
         // One in a's own room, two in the shared room.
         for _ in 0..3 {
@@ -449,18 +499,18 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(matches!(
-            gates.admit("a", Some(1)).await,
+            gates.admit("a", Some(1), None).await,
             Admission::Defer {
                 reason: "org_busy",
                 ..
             }
         ));
         // Another org still has its own room, but no place left in the shared one.
-        let held_b = go(gates.admit("b", Some(1)).await);
+        let held_b = go(gates.admit("b", Some(1), None).await);
         let b_waiter = spawn_admit(&gates, "b", 1);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(matches!(
-            gates.admit("b", Some(1)).await,
+            gates.admit("b", Some(1), None).await,
             Admission::Defer { .. }
         ));
         drop(held);
@@ -481,17 +531,47 @@ mod tests {
             },
         )]);
         assert!(matches!(
-            gates.admit("c", Some(1)).await,
+            gates.admit("c", Some(1), None).await,
             Admission::Defer { .. }
         ));
     }
 
     #[tokio::test]
+    async fn a_deferral_gets_a_turn_by_the_orgs_pace_within_the_horizon() {
+        let gates = Arc::new(OrgGates::default());
+        let held = go(gates.admit("a", Some(1), None).await);
+        let waiter = spawn_admit(&gates, "a", 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let defer = |admission| match admission {
+            Admission::Defer { delay, turn, .. } => (delay, turn),
+            Admission::Go(_) => panic!("went"),
+        };
+        // No call has ended yet: the shortest deferral, no turn.
+        let (delay, turn) = defer(gates.admit("a", Some(1), None).await);
+        assert_eq!((delay, turn), (BUSY_DEFERRAL, None));
+        // Calls of 100 s, one at a time, one in flight and one waiting: turns 200 s and
+        // 300 s away, then none within the horizon.
+        lock(&gates.gate("a", Some(1)).pace).record(Duration::from_secs(100));
+        let mut delays = Vec::new();
+        for _ in 0..3 {
+            let (delay, turn) = defer(gates.admit("a", Some(1), None).await);
+            delays.push((delay.as_secs_f64().round() as u64, turn.is_some()));
+        }
+        assert_eq!(delays, [(200, true), (300, true), (300, false)]);
+        // An event back with a turn keeps it.
+        let turn = SystemTime::now() + Duration::from_secs(60);
+        let (_, kept) = defer(gates.admit("a", Some(1), Some(turn)).await);
+        assert_eq!(kept, Some(turn));
+        drop(held);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
     async fn only_capped_orgs_in_use_are_announced() {
         let gates = OrgGates::default();
-        let held = go(gates.admit("capped", Some(2)).await);
-        drop(go(gates.admit("uncapped", None).await));
-        drop(go(gates.admit("idle", Some(2)).await));
+        let held = go(gates.admit("capped", Some(2), None).await);
+        drop(go(gates.admit("uncapped", None, None).await));
+        drop(go(gates.admit("idle", Some(2), None).await));
         let mut serving = gates.serving();
         serving.sort();
         assert_eq!(serving, ["capped", "idle"]);
@@ -504,21 +584,30 @@ mod tests {
     #[tokio::test]
     async fn consecutive_failures_open_the_breaker_and_a_success_closes_it() {
         let gates = OrgGates::default();
-        drop(gates.admit("a", None).await);
+        drop(gates.admit("a", None, None).await);
         for _ in 0..BREAKER_THRESHOLD - 1 {
             gates.record("a", false);
         }
-        assert!(matches!(gates.admit("a", None).await, Admission::Go(_)));
+        assert!(matches!(
+            gates.admit("a", None, None).await,
+            Admission::Go(_)
+        ));
         gates.record("a", false);
         assert!(matches!(
-            gates.admit("a", None).await,
+            gates.admit("a", None, None).await,
             Admission::Defer {
                 reason: "circuit_open",
                 ..
             }
         ));
-        assert!(matches!(gates.admit("b", None).await, Admission::Go(_)));
+        assert!(matches!(
+            gates.admit("b", None, None).await,
+            Admission::Go(_)
+        ));
         gates.record("a", true);
-        assert!(matches!(gates.admit("a", None).await, Admission::Go(_)));
+        assert!(matches!(
+            gates.admit("a", None, None).await,
+            Admission::Go(_)
+        ));
     }
 }

@@ -149,7 +149,11 @@ impl Pipeline {
                         .into(),
             },
         };
-        drop(admitted.permit);
+        if spent.requests > 0 {
+            admitted.permit.call_ended();
+        } else {
+            drop(admitted.permit);
+        }
         let ran = Ran {
             run,
             spent,
@@ -293,18 +297,30 @@ impl Pipeline {
         cap: Option<u32>,
         attempts: u32,
     ) -> Option<gate::OrgPermit> {
+        let carried = deliver::turn_header(delivery);
         let admission = tokio::select! {
             biased;
             () = self.draining.cancelled() => gate::Admission::Defer {
                 delay: gate::BUSY_DEFERRAL,
                 reason: "shutdown",
+                turn: None,
             },
-            admission = self.gates.admit(org_id, cap) => admission,
+            admission = self.gates.admit(org_id, cap, carried) => admission,
         };
         match admission {
             gate::Admission::Go(permit) => Some(permit),
-            gate::Admission::Defer { delay, reason } => {
-                self.park(worker, delivery, delay, attempts, reason).await;
+            gate::Admission::Defer {
+                delay,
+                reason,
+                turn,
+            } => {
+                let parking = deliver::Parking {
+                    delay,
+                    attempts,
+                    reason,
+                    turn,
+                };
+                self.park(worker, delivery, parking).await;
                 None
             }
         }
@@ -333,9 +349,13 @@ impl Pipeline {
         let (output, error) = match run {
             Run::Park { delay } => {
                 claim.release().await;
-                return self
-                    .park(worker, delivery, delay, spent.attempts, "provider_backoff")
-                    .await;
+                let parking = deliver::Parking {
+                    delay,
+                    attempts: spent.attempts,
+                    reason: "provider_backoff",
+                    turn: None,
+                };
+                return self.park(worker, delivery, parking).await;
             }
             Run::Completed(output) => (Some(output), None),
             Run::Failed { class, message } => {

@@ -501,6 +501,48 @@ async fn an_orgs_backlog_waits_in_the_shared_room_instead_of_cycling_through_del
     h.finish().await;
 }
 
+/// A backlog longer than the shortest delay queue is paced: each deferred event is given a
+/// turn by its org's recent call time and parked in the longest delay queue that brings it
+/// back by then (carrying its turn), instead of all of it coming back every 5 s. Every event
+/// still completes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orgs_long_backlog_is_paced_through_the_longer_delay_queues() {
+    // A prefetch of 48 leaves a shared room of 12: with a call and one waiting, room for
+    // the 12 turns that come back with each 5 s wave.
+    let mut h = Harness::with(Options {
+        prefetch: 48,
+        ..Options::default()
+    })
+    .await;
+    let server = steady_provider(Duration::from_millis(400)).await;
+    set_capped_org(&h, "org_a", &server, 1).await;
+    // A first call sets the org's pace: one call per ≈0.4 s.
+    let mut ids = h.publish_many("paced_first", 1, &["org_a"]).await;
+    let mut seen = SeenResults::new();
+    h.collect(&mut seen, &ids, Duration::from_secs(10)).await;
+    let n = 100;
+    ids.extend(h.publish_many("paced", n, &["org_a"]).await);
+    // Fourteen are held; the turns of the others start about 6 s away, one per call: from
+    // about the 60th on they are 30 s away or more.
+    let steps = copilot_workers::broker::topology::DELAY_STEPS_SECS;
+    let longer = h.topology.delay_queue("summarize", steps[1]);
+    h.eventually(
+        Duration::from_secs(15),
+        "events waiting for their turn in the 30 s queue",
+        || async { h.queue_depth(&longer).await > 0 },
+    )
+    .await;
+    let parked_longer = h.queue_depth(&longer).await;
+    assert!(
+        (20..=50).contains(&parked_longer),
+        "{parked_longer} in the 30 s queue"
+    );
+    h.collect(&mut seen, &ids, Duration::from_secs(90)).await;
+    assert_exactly_once(&ids, &seen);
+    assert_eq!(server.received_requests().await.unwrap().len(), n + 1);
+    h.finish().await;
+}
+
 /// A provider that keeps failing with transient errors: the event is tried exactly
 /// `max_attempts` times in process, then gets a failed result (`retries_exhausted`) and is
 /// dead-lettered with that reason, its original body intact.

@@ -90,6 +90,17 @@ pub fn switches_note(who: &str, before: Option<u64>, after: Option<u64>, events:
     })
 }
 
+/// A Prometheus counter summed over all its label sets.
+pub fn counter_total(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The mean of a Prometheus histogram (sum / count) over the label sets whose line contains
 /// `only`.
 pub fn histogram_mean(page: &str, name: &str, only: &str) -> Option<f64> {
@@ -188,6 +199,13 @@ mod tests {
         assert_eq!(histogram_mean(page, "y", ""), Some(32.0 / 6.0));
         assert_eq!(histogram_mean(page, "z", ""), None);
         assert!(histogram_quantile(page, "y", "s=\"a\"", 0.99).unwrap() <= 1.0);
+    }
+
+    #[test]
+    fn a_counter_total_sums_its_label_sets_only() {
+        let page = "# HELP p parked\np{r=\"a\"} 3\np{r=\"b\"} 4\np 1\np_other{r=\"a\"} 100\n";
+        assert_eq!(counter_total(page, "p"), 8.0);
+        assert_eq!(counter_total(page, "q"), 0.0);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!     `paced`: the same below saturation, events published at a fixed rate (1,000/s) while
 //!     the worker runs, for the overhead target;
 //! (c) `slow`: the real worker with a provider taking 2 s per call and 5,000 calls in flight;
+//!     `backlog`: one org capped at 4 calls of 400 ms with a queue far beyond what it can hold
+//!     (a bulk import), for how often its events are parked while they wait their turn;
 //! (d) `soak` (optional): a chaos provider failing half the calls, counting every outcome.
 //! The fake provider, the publisher and the result listener run in this process; the worker
 //! runs alone in its child process, so its CPU and peak memory are its own.
@@ -40,6 +42,10 @@ pub struct BenchArgs {
     /// Provider calls in flight in the slow run (its prefetch and the org's cap).
     #[arg(long, default_value_t = 5_000)]
     pub in_flight: u16,
+    /// Events of the backlog run (one org capped at 4 calls of 400 ms, the queue filled
+    /// first: about 10 events/s at best).
+    #[arg(long, default_value_t = 1_200)]
+    pub backlog_events: usize,
     /// Events of the paced run (published at `--rate` while the worker runs).
     #[arg(long, default_value_t = 20_000)]
     pub paced_events: usize,
@@ -53,7 +59,8 @@ pub struct BenchArgs {
     /// Also run a chaos soak of this many events.
     #[arg(long)]
     pub soak: Option<usize>,
-    /// Run only these phases (comma-separated: baseline, instant, paced, slow, soak).
+    /// Run only these phases (comma-separated: baseline, instant, paced, slow, backlog,
+    /// soak).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Pace the baseline to this many events per second, evenly, one at a time (default: as
@@ -153,6 +160,20 @@ async fn measure_all(bench: &phases::Bench, args: &BenchArgs) -> anyhow::Result<
                     args.slow_events,
                     latency,
                     args.in_flight,
+                    false,
+                    None,
+                )
+                .await?,
+        );
+    }
+    if wanted("backlog") {
+        rows.push(
+            bench
+                .pipeline(
+                    "backlog",
+                    args.backlog_events,
+                    Duration::from_millis(400),
+                    4,
                     false,
                     None,
                 )

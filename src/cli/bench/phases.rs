@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use super::Row;
 use super::measure::{
-    BROKER, POSTGRES, context_switches, cpu_note, cpu_of, histogram_mean, histogram_quantile,
-    process_stats, rates, reset_peak_rss, switches_note,
+    BROKER, POSTGRES, context_switches, counter_total, cpu_note, cpu_of, histogram_mean,
+    histogram_quantile, process_stats, rates, reset_peak_rss, switches_note,
 };
 use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
 use crate::config::{EndpointPolicy, Settings};
@@ -542,6 +542,13 @@ impl Bench {
             ),
             switches_note("the worker's", switches_before, switches_after, n),
         );
+        let parked = counter_total(&page, crate::telemetry::EVENTS_PARKED);
+        if parked > 0.0 {
+            note.push_str(&format!(
+                "; {parked:.0} events parked ({:.2} per event)",
+                parked / n as f64
+            ));
+        }
         if let Some(rate) = pace {
             latencies.sort();
             let at = |q: f64| {
