@@ -249,9 +249,15 @@ async fn a_topology_deleted_under_a_running_worker_is_declared_again() {
     .await;
 
     h.delete_queue(&worker_queue).await;
-    h.eventually(WAIT, "the worker queue to be declared again", || async {
-        h.queue_exists(&worker_queue).await
-    })
+    // Consumed again, not only declared: the queue exists a moment before it is bound to
+    // the events exchange, and an event published then would come back unroutable.
+    h.eventually(
+        WAIT,
+        "the worker queue to be declared and consumed again",
+        || async {
+            h.queue_exists(&worker_queue).await && h.queue_consumers(&worker_queue).await == 1
+        },
+    )
     .await;
     h.publish(&ticket_event("evt_no_queue", "org_acme", "ticket.created"))
         .await;
