@@ -9,9 +9,11 @@
 //! backlog comes back as the org can take it instead of all of it every 5 s. Deferred events
 //! still come back in waves (a delay queue's TTL is per queue): the shared room lets a wave
 //! wait in process for the org's capacity instead of being deferred again, so that an org
-//! with a backlog keeps its calls busy between waves. After `BREAKER_THRESHOLD` consecutive transient
-//! failures the org's breaker opens for `BREAKER_COOLDOWN`: its events are deferred without a
-//! call. The first event after the cool-down is a trial; one more failure reopens the breaker.
+//! with a backlog keeps its calls busy between waves.
+//!
+//! After `BREAKER_THRESHOLD` consecutive transient failures the org's breaker opens for
+//! `BREAKER_COOLDOWN`: its events are deferred without a call. The first event after the
+//! cool-down is a trial; one more failure reopens the breaker.
 //!
 //! An org's own cap (`max_concurrency`, which protects its provider's rate limit) holds across
 //! replicas: the replicas serving the org find each other in `org_presence` every
