@@ -26,7 +26,7 @@ use tracing::Instrument;
 use claim::Claim;
 pub use deliver::{
     ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
-    TRACEPARENT_HEADER, WORKER_HEADER,
+    TRACEPARENT_HEADER, TURN_HEADER, WORKER_HEADER,
 };
 use run::{Run, Spent};
 
@@ -300,10 +300,11 @@ impl Pipeline {
         let carried = deliver::turn_header(delivery);
         let admission = tokio::select! {
             biased;
+            // It keeps any turn it carries: back in 5 s, it is not put behind the others.
             () = self.draining.cancelled() => gate::Admission::Defer {
                 delay: gate::BUSY_DEFERRAL,
                 reason: "shutdown",
-                turn: None,
+                turn: carried,
             },
             admission = self.gates.admit(org_id, cap, carried) => admission,
         };

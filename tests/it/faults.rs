@@ -416,8 +416,8 @@ async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
 }
 
 /// Shutdown starts no provider call: the run in flight finishes, and the events waiting at
-/// their org's gate are parked (not each given a call during the drain) for the next
-/// process, which completes them.
+/// their org's gate are parked (not each given a call during the drain), keeping any turn
+/// they carry, for the next process, which completes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_parks_the_events_waiting_at_the_gate_and_starts_no_call() {
     let mut h = Harness::with(Options {
@@ -426,30 +426,72 @@ async fn shutdown_parks_the_events_waiting_at_the_gate_and_starts_no_call() {
     })
     .await; // shutdown grace: 5 s
     let server = steady_provider(Duration::from_millis(1500)).await;
-    // One call at a time: the other five wait at the gate.
+    // One call at a time: the others wait at the gate.
     set_capped_org(&h, "org_a", &server, 1).await;
-    let n = 6;
-    let ids = h.publish_many("drain", n, &["org_a"]).await;
-    let delay_queue = h.topology.delay_queue(
-        "summarize",
-        copilot_workers::broker::topology::DELAY_STEPS_SECS[0],
-    );
-    let waiting = copilot_workers::telemetry::EVENTS_IN_FLIGHT;
-    h.eventually(
-        Duration::from_secs(10),
-        "a call and five waiting",
-        || async {
-            let page = h.metrics().await;
-            let requests = server.received_requests().await.unwrap_or_default().len();
-            requests == 1 && crate::support::metric_value(&page, waiting) == n as f64
-        },
+    let mut ids = h.publish_many("drain", 5, &["org_a"]).await;
+    let in_flight = |n: usize| {
+        let (h, server) = (&h, &server);
+        async move {
+            h.eventually(
+                Duration::from_secs(10),
+                "a call and the rest waiting",
+                || async {
+                    let page = h.metrics().await;
+                    let requests = server.received_requests().await.unwrap_or_default().len();
+                    let events = copilot_workers::telemetry::EVENTS_IN_FLIGHT;
+                    requests == 1 && crate::support::metric_value(&page, events) == n as f64
+                },
+            )
+            .await;
+        }
+    };
+    in_flight(5).await;
+    // A sixth, back from an earlier deferral with its turn.
+    let turn_ms = i64::try_from(
+        (std::time::SystemTime::now() + Duration::from_secs(60))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
     )
-    .await;
+    .unwrap();
+    let body = ticket_event("evt_drain_turn", "org_a", "ticket.created").to_string();
+    let exchange = h.topology.events_exchange();
+    let mut message =
+        copilot_workers::broker::Outgoing::new(&exchange, "ticket.created", body.as_bytes());
+    message.content_type = "application/cloudevents+json";
+    message.headers.insert(
+        copilot_workers::pipeline::TURN_HEADER.into(),
+        lapin::types::AMQPValue::LongLongInt(turn_ms),
+    );
+    h.publish_message(&message).await;
+    ids.push("evt_drain_turn".to_owned());
+    let n = ids.len();
+    in_flight(n).await;
     h.stop_service().await;
     // Without the rule, the drain gave each waiting event its call until the grace period
     // ended: four or five calls.
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
-    assert_eq!(h.queue_depth(&delay_queue).await, n as u32 - 1);
+    let delay_queue = h.topology.delay_queue(
+        "summarize",
+        copilot_workers::broker::topology::DELAY_STEPS_SECS[0],
+    );
+    let parked = h.peek_all(&delay_queue).await;
+    assert_eq!(parked.len(), n - 1);
+    // The one that carried a turn keeps it; the others carry none.
+    for delivery in &parked {
+        let turn = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(copilot_workers::pipeline::TURN_HEADER));
+        let event: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+        match event["id"].as_str() {
+            Some("evt_drain_turn") => {
+                assert_eq!(turn, Some(&lapin::types::AMQPValue::LongLongInt(turn_ms)))
+            }
+            _ => assert_eq!(turn, None, "{event}"),
+        }
+    }
     let (drained, _) = h
         .next_result(Duration::from_secs(5))
         .await

@@ -17,7 +17,7 @@ use copilot_workers::workers::Catalog;
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -290,13 +290,20 @@ impl Harness {
     /// Takes every message currently ready in `queue`.
     pub async fn take_all(&self, queue: &str) -> Vec<Delivery> {
         let channel = self.connection.create_channel().await.unwrap();
-        let mut out = Vec::new();
-        while let Some(message) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            out.push(message.delivery);
+        get_all(&channel, queue, true).await
+    }
+
+    /// Every message currently ready in `queue`, left in it: taken unacked, then handed
+    /// back.
+    pub async fn peek_all(&self, queue: &str) -> Vec<Delivery> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let out = get_all(&channel, queue, false).await;
+        if let Some(last) = out.last() {
+            let back = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            channel.basic_nack(last.delivery_tag, back).await.unwrap();
         }
         out
     }
@@ -429,6 +436,19 @@ impl Harness {
         let _ = self.connection.close(200, "test done".into()).await;
         drop_database(&self.database).await;
     }
+}
+
+/// Gets every message ready in `queue` on `channel`, acked by the broker when `no_ack`.
+async fn get_all(channel: &lapin::Channel, queue: &str, no_ack: bool) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack })
+        .await
+        .unwrap()
+    {
+        out.push(message.delivery);
+    }
+    out
 }
 
 /// 32 random bytes.
