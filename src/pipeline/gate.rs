@@ -124,11 +124,13 @@ impl Gate {
         }
     }
 
-    /// Defers an event that found no room (see `pace.rs`), with the turn it `carried` if any.
-    fn defer_busy(&self, limit: u32, carried: Option<SystemTime>) -> Admission {
+    /// Defers an event that found no room (see `pace.rs`), with the turn it `carried` if any,
+    /// when the org may also wait in a room of `shared_room` all orgs share.
+    fn defer_busy(&self, limit: u32, shared_room: usize, carried: Option<SystemTime>) -> Admission {
         let now = SystemTime::now();
         let ahead = limit as usize + self.waiting.load(Ordering::SeqCst);
-        let (delay, turn) = match lock(&self.pace).turn(now, limit, ahead, carried) {
+        let room = 2 * limit as usize + shared_room;
+        let (delay, turn) = match lock(&self.pace).turn(now, limit, ahead, room, carried) {
             // A turn passed (or less than the shortest deferral away) waits the shortest.
             Some(Turn::At(turn)) => {
                 let delay = turn.duration_since(now).unwrap_or_default();
@@ -333,7 +335,7 @@ impl OrgGates {
             self.shared_room,
         );
         let Some(_waiting) = entered else {
-            return gate.defer_busy(limit, turn);
+            return gate.defer_busy(limit, self.shared_room, turn);
         };
         match gate.permits.clone().acquire_owned().await {
             Ok(permit) => go(permit),

@@ -7,8 +7,9 @@
 //!     `paced`: the same below saturation, events published at a fixed rate (1,000/s) while
 //!     the worker runs, for the overhead target;
 //! (c) `slow`: the real worker with a provider taking 2 s per call and 5,000 calls in flight;
-//!     `backlog`: one org capped at 4 calls of 400 ms with a queue far beyond what it can hold
-//!     (a bulk import), for how often its events are parked while they wait their turn;
+//!     `backlog`: one org capped at 4 calls of 400 ms (`--backlog-cap`, `--backlog-latency-ms`)
+//!     with a queue far beyond what it can hold (a bulk import), for how often its events are
+//!     parked while they wait their turn;
 //! (d) `soak` (optional): a chaos provider failing half the calls, counting every outcome.
 //! The fake provider, the publisher and the result listener run in this process; the worker
 //! runs alone in its child process, so its CPU and peak memory are its own.
@@ -42,10 +43,16 @@ pub struct BenchArgs {
     /// Provider calls in flight in the slow run (its prefetch and the org's cap).
     #[arg(long, default_value_t = 5_000)]
     pub in_flight: u16,
-    /// Events of the backlog run (one org capped at 4 calls of 400 ms, the queue filled
-    /// first: about 10 events/s at best).
+    /// Events of the backlog run (one org at its cap, the queue filled first: with the
+    /// default cap and latency, 10 events/s at best).
     #[arg(long, default_value_t = 1_200)]
     pub backlog_events: usize,
+    /// The org's cap in the backlog run.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub backlog_cap: u16,
+    /// Provider latency of the backlog run, in milliseconds.
+    #[arg(long, default_value_t = 400)]
+    pub backlog_latency_ms: u64,
     /// Events of the paced run (published at `--rate` while the worker runs).
     #[arg(long, default_value_t = 20_000)]
     pub paced_events: usize,
@@ -172,8 +179,8 @@ async fn measure_all(bench: &phases::Bench, args: &BenchArgs) -> anyhow::Result<
                 .pipeline(
                     "backlog",
                     args.backlog_events,
-                    Duration::from_millis(400),
-                    4,
+                    Duration::from_millis(args.backlog_latency_ms),
+                    args.backlog_cap,
                     false,
                     None,
                 )
