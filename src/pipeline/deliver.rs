@@ -275,20 +275,21 @@ fn is_death_header(name: &str) -> bool {
 
 /// The turn a parked event carries at its org's gate, if any.
 pub(super) fn turn_header(delivery: &Delivery) -> Option<SystemTime> {
-    let millis = match header(delivery, TURN_HEADER)? {
-        AMQPValue::LongLongInt(n) => u64::try_from(n).ok()?,
-        AMQPValue::LongInt(n) => u64::try_from(n).ok()?,
-        _ => return None,
-    };
+    let millis = u64::try_from(int_header(delivery, TURN_HEADER)?).ok()?;
     UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }
 
 /// Attempts spent before the event was parked.
 pub(super) fn attempts_header(delivery: &Delivery) -> u32 {
-    let value = match header(delivery, ATTEMPTS_HEADER) {
-        Some(AMQPValue::LongLongInt(n)) => n,
-        Some(AMQPValue::LongInt(n)) => i64::from(n),
-        _ => 0,
-    };
+    let value = int_header(delivery, ATTEMPTS_HEADER).unwrap_or(0);
     u32::try_from(value).unwrap_or(0)
+}
+
+/// An integer header we wrote (64-bit, or 32-bit from another client), if present.
+fn int_header(delivery: &Delivery, name: &str) -> Option<i64> {
+    match header(delivery, name)? {
+        AMQPValue::LongLongInt(n) => Some(n),
+        AMQPValue::LongInt(n) => Some(i64::from(n)),
+        _ => None,
+    }
 }

@@ -56,6 +56,19 @@ async fn set_capped_org(h: &Harness, org: &str, provider: &MockServer, cap: u32)
     h.set_config(config).await;
 }
 
+/// A harness with `prefetch` (a quarter of it is the waiting room all orgs share) and one
+/// org, `org_a`, capped at `cap` on a provider that answers after `latency`.
+async fn one_capped_org(prefetch: u16, latency: Duration, cap: u32) -> (Harness, MockServer) {
+    let h = Harness::with(Options {
+        prefetch,
+        ..Options::default()
+    })
+    .await;
+    let server = steady_provider(latency).await;
+    set_capped_org(&h, "org_a", &server, cap).await;
+    (h, server)
+}
+
 /// A provider that answers after `latency`, slowly enough for a fault (or a second delivery)
 /// to land mid-call.
 async fn steady_provider(latency: Duration) -> MockServer {
@@ -382,15 +395,9 @@ async fn a_hanging_provider_does_not_delay_other_orgs() {
 /// and completes: the durable round trip that parked provider back-offs take too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
-    // A prefetch of 3 leaves no shared waiting room (a quarter of it).
-    let mut h = Harness::with(Options {
-        prefetch: 3,
-        ..Options::default()
-    })
-    .await;
-    let server = steady_provider(Duration::from_secs(2)).await;
-    // One call in flight and one event waiting: a third is deferred.
-    set_capped_org(&h, "org_a", &server, 1).await;
+    // A prefetch of 3 leaves no shared waiting room (a quarter of it): with one call in
+    // flight and one event waiting, a third is deferred.
+    let (mut h, server) = one_capped_org(3, Duration::from_secs(2), 1).await;
     let published = Instant::now();
     h.publish_many("deferred", 3, &["org_a"]).await;
     let mut last = Duration::ZERO;
@@ -420,14 +427,8 @@ async fn a_deferred_event_comes_back_from_its_delay_queue_and_completes() {
 /// they carry, for the next process, which completes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_parks_the_events_waiting_at_the_gate_and_starts_no_call() {
-    let mut h = Harness::with(Options {
-        prefetch: 48,
-        ..Options::default()
-    })
-    .await; // shutdown grace: 5 s
-    let server = steady_provider(Duration::from_millis(1500)).await;
-    // One call at a time: the others wait at the gate.
-    set_capped_org(&h, "org_a", &server, 1).await;
+    // One call at a time: the others wait at the gate. The shutdown grace is 5 s.
+    let (mut h, server) = one_capped_org(48, Duration::from_millis(1500), 1).await;
     let mut ids = h.publish_many("drain", 5, &["org_a"]).await;
     let in_flight = |n: usize| {
         let (h, server) = (&h, &server);
@@ -513,13 +514,7 @@ async fn shutdown_parks_the_events_waiting_at_the_gate_and_starts_no_call() {
 /// deferred at the gate costs no ledger statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orgs_backlog_waits_in_the_shared_room_instead_of_cycling_through_delay_queues() {
-    let mut h = Harness::with(Options {
-        prefetch: 48,
-        ..Options::default()
-    })
-    .await;
-    let server = steady_provider(Duration::from_millis(300)).await;
-    set_capped_org(&h, "org_a", &server, 2).await;
+    let (mut h, _server) = one_capped_org(48, Duration::from_millis(300), 2).await;
     let n = 30;
     let ids = h.publish_many("backlog", n, &["org_a"]).await;
     let mut seen = SeenResults::new();
@@ -551,13 +546,7 @@ async fn an_orgs_backlog_waits_in_the_shared_room_instead_of_cycling_through_del
 async fn an_orgs_long_backlog_is_paced_through_the_longer_delay_queues() {
     // A prefetch of 48 leaves a shared room of 12: with a call and one waiting, room for
     // the 12 turns that come back with each 5 s wave.
-    let mut h = Harness::with(Options {
-        prefetch: 48,
-        ..Options::default()
-    })
-    .await;
-    let server = steady_provider(Duration::from_millis(400)).await;
-    set_capped_org(&h, "org_a", &server, 1).await;
+    let (mut h, server) = one_capped_org(48, Duration::from_millis(400), 1).await;
     // A first call sets the org's pace: one call per ≈0.4 s.
     let mut ids = h.publish_many("paced_first", 1, &["org_a"]).await;
     let mut seen = SeenResults::new();
