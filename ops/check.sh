@@ -35,6 +35,10 @@ dashboard = json.load(open("ops/grafana/dashboards/copilot-workers.json"))
 assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
 definitions = json.load(open("ops/rabbitmq/definitions.json"))
 assert {q["name"] for q in definitions["queues"]} >= {f"copilot.worker.{w}" for w in workers}
+exchanges = {e["name"] for e in definitions["exchanges"]}
+for policy in definitions.get("policies", []):
+    alternate = policy["definition"].get("alternate-exchange")
+    assert alternate is None or alternate in exchanges, (policy["name"], alternate)
 print("ops: KEDA, dashboard and RabbitMQ definitions ok")
 PY
 check-jsonschema --check-metaschema schemas/*.schema.json schemas/workers/*.json

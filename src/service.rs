@@ -54,6 +54,43 @@ pub struct Started {
     pub http_addr: SocketAddr,
 }
 
+/// What every consumer shares: the connection, the topology keeper, the tracker its
+/// deliveries' tasks join, shutdown, and the count of consumers attached (readiness).
+struct Attach {
+    link: Arc<Link>,
+    keeper: Arc<TopologyKeeper>,
+    deliveries: TaskTracker,
+    shutdown: CancellationToken,
+    running: Arc<AtomicUsize>,
+}
+
+impl Attach {
+    /// Starts a consumer on `queue`, handing each delivery to `handle` on a task of its own.
+    fn spawn<H, Fut>(&self, consumers: &TaskTracker, queue: String, prefetch: u16, handle: H)
+    where
+        H: Fn(lapin::message::Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let consumer = Consumer {
+            queue,
+            prefetch,
+            keeper: Some(self.keeper.clone()),
+        };
+        let link = self.link.clone();
+        let deliveries = self.deliveries.clone();
+        let shutdown = self.shutdown.clone();
+        let running = self.running.clone();
+        consumers.spawn(async move {
+            consumer
+                .run(&link, &deliveries, shutdown, running, handle)
+                .await;
+        });
+    }
+}
+
+/// The unrouted-events queue's prefetch (at most `COPILOT_PREFETCH`).
+const UNROUTED_PREFETCH: u16 = 16;
+
 /// Runs until `shutdown` fires, then drains. `on_start` is told once consumers are attached.
 pub async fn run(
     settings: &Settings,
@@ -169,12 +206,14 @@ pub async fn run(
     });
 
     let running = Arc::new(AtomicUsize::new(0));
+    // One consumer per worker queue, and one on the unrouted-events queue.
+    let consumed = catalog.all().len() + 1;
     let readiness = Arc::new(ServiceReadiness {
         consuming: consuming.clone(),
         publishing: publishing.clone(),
         store: store.clone(),
         running: running.clone(),
-        expected: catalog.all().len(),
+        expected: consumed,
     });
     let listener = telemetry::bind(settings.http_addr).await?;
     let http_addr = listener.local_addr()?;
@@ -190,28 +229,33 @@ pub async fn run(
 
     let deliveries = TaskTracker::new();
     let consumers = TaskTracker::new();
+    let attach = Attach {
+        link: consuming.clone(),
+        keeper: keeper.clone(),
+        deliveries: deliveries.clone(),
+        shutdown: shutdown.clone(),
+        running: running.clone(),
+    };
     for worker in catalog.all() {
-        let consumer = Consumer {
-            queue: topology.worker_queue(worker.name()),
-            prefetch: settings.prefetch,
-            keeper: Some(keeper.clone()),
-        };
         let pipeline = pipeline.clone();
         let worker = worker.clone();
-        let connection = consuming.clone();
-        let tracker = deliveries.clone();
-        let token = shutdown.clone();
-        let running = running.clone();
-        consumers.spawn(async move {
-            consumer
-                .run(&connection, &tracker, token, running, move |delivery| {
-                    pipeline.clone().handle(worker.clone(), delivery)
-                })
-                .await;
-        });
+        attach.spawn(
+            &consumers,
+            topology.worker_queue(worker.name()),
+            settings.prefetch,
+            move |delivery| pipeline.clone().handle(worker.clone(), delivery),
+        );
     }
+    // Events no worker queue took: rare, and each only dead-lettered, so a small window.
+    let unrouted = pipeline.clone();
+    attach.spawn(
+        &consumers,
+        topology.unrouted_events(),
+        settings.prefetch.min(UNROUTED_PREFETCH),
+        move |delivery| unrouted.clone().handle_unrouted(delivery),
+    );
     consumers.close();
-    wait_attached(&running, catalog.all().len(), &shutdown).await;
+    wait_attached(&running, consumed, &shutdown).await;
     if let Some(on_start) = on_start {
         let _ = on_start.send(Started { http_addr });
     }

@@ -52,7 +52,7 @@ fn describe() {
     );
     describe_counter!(
         EVENTS_DEAD_LETTERED,
-        "Deliveries sent to the dead-letter exchange, by worker and reason."
+        "Deliveries sent to the dead-letter exchange, by worker and reason (unroutable, with no worker, for an event no worker queue was bound for)."
     );
     describe_counter!(
         EVENTS_PARKED,

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! tickets.events (topic) ──ticket.*──▶ copilot.worker.<name> (quorum, delivery limit, DLX)
+//!   │ no queue bound (by policy: alternate exchange)
+//!   └──▶ copilot.events.unrouted (fanout) ──▶ queue of that name ──▶ the worker dead-letters it
 //!                                          │ parked: copilot.delay.<name>.<secs>s (TTL) ─┐
 //!                                          │ ◀──────────── dead-lettered back ───────────┘
 //!                                          ▼ dead letters
@@ -114,6 +116,15 @@ impl Topology {
         self.name("copilot.results.unrouted")
     }
 
+    /// Receives events no worker queue is bound for, once a policy makes it the events
+    /// exchange's alternate exchange: an exchange and a queue of this name, which the worker
+    /// consumes to dead-letter them as `unroutable`. A policy, not an exchange argument:
+    /// helpdesks that declare the events exchange themselves, without arguments, would
+    /// otherwise be refused (`PRECONDITION_FAILED`), and so would every existing install.
+    pub fn unrouted_events(&self) -> String {
+        self.name("copilot.events.unrouted")
+    }
+
     pub fn dead_letter_exchange(&self) -> String {
         self.name("copilot.dlx")
     }
@@ -154,6 +165,17 @@ impl Topology {
         args.insert("x-dead-letter-exchange".into(), long(dead_letter_exchange));
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
+        args
+    }
+
+    /// A consumed queue's arguments: quorum, the configured delivery limit, dead letters to
+    /// the dead-letter exchange.
+    fn limited_quorum_args(&self) -> FieldTable {
+        let mut args = self.quorum_args(&self.dead_letter_exchange());
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
+        );
         args
     }
 
@@ -237,6 +259,14 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        channel
+            .exchange_declare(
+                exchange(self.unrouted_events()),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
         let mut results_args = FieldTable::default();
         results_args.insert("alternate-exchange".into(), long(&self.unrouted_results()));
         channel
@@ -280,6 +310,24 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        // Like a worker's queue: should dead-lettering one fail again and again, the broker
+        // gives it up to the dead-letter exchange itself.
+        channel
+            .queue_declare(
+                self.unrouted_events().into(),
+                durable_queue,
+                self.limited_quorum_args(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.unrouted_events().into(),
+                self.unrouted_events().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         for worker in workers {
             self.declare_worker(channel, worker, durable_queue).await?;
         }
@@ -293,13 +341,8 @@ impl Topology {
         options: QueueDeclareOptions,
     ) -> Result<(), lapin::Error> {
         let queue = self.worker_queue(worker);
-        let mut args = self.quorum_args(&self.dead_letter_exchange());
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
-        );
         channel
-            .queue_declare(queue.clone().into(), options, args)
+            .queue_declare(queue.clone().into(), options, self.limited_quorum_args())
             .await?;
         for kind in crate::events::EventType::ALL {
             channel
@@ -330,7 +373,11 @@ impl Topology {
 
     /// Deletes everything `declare` made (tests and the demo clean up with this).
     pub async fn delete(&self, channel: &Channel, workers: &[&str]) -> Result<(), lapin::Error> {
-        let mut queues = vec![self.dead_letter_queue(), self.unrouted_results()];
+        let mut queues = vec![
+            self.dead_letter_queue(),
+            self.unrouted_results(),
+            self.unrouted_events(),
+        ];
         for worker in workers {
             queues.push(self.worker_queue(worker));
             queues.extend(
@@ -348,6 +395,7 @@ impl Topology {
             self.events_exchange(),
             self.results_exchange(),
             self.unrouted_results(),
+            self.unrouted_events(),
             self.dead_letter_exchange(),
         ] {
             channel

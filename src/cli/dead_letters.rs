@@ -7,8 +7,11 @@
 //! towards). `replay` publishes a dead letter straight to the queue of the worker that gave it
 //! up, not through `tickets.events` (which would run every worker again), waits for the
 //! broker's confirm, and only then acks the dead letter: a replay cut short loses nothing, and
-//! one run twice is answered by the worker's ledger. `purge` acks what it selects. Both take
-//! only what the operator selected; the rest goes back with the channel.
+//! one run twice is answered by the worker's ledger. An `unroutable` dead letter (an event no
+//! worker queue was bound for) never reached a worker: one whose routing key is an event type
+//! goes back through `tickets.events`, and one of a type no worker knows is left for `purge`.
+//! `purge` acks what it selects. Both take only what the operator selected; the rest goes back
+//! with the channel.
 //!
 //! An event whose run the ledger holds as failed (`retries_exhausted`) would only get that
 //! failed result back under its id, so it is replayed under a new id, `<id>~replay<n>`, which
@@ -27,7 +30,7 @@ use crate::config::Settings;
 use crate::events;
 use crate::pipeline::{
     DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, TRACEPARENT_HEADER,
-    WORKER_HEADER,
+    UNROUTABLE, WORKER_HEADER,
 };
 use crate::store::Store;
 
@@ -152,6 +155,27 @@ impl DeadLetter {
     }
 }
 
+/// Where `replay` sends a dead letter.
+enum Target<'a> {
+    /// Straight to the queue of the worker that gave it up.
+    Worker(&'a str),
+    /// Through the events exchange, to every worker bound for its type: an event no worker
+    /// queue took (`unroutable`) never ran anywhere.
+    Events(events::EventType),
+}
+
+impl DeadLetter {
+    fn replay_target(&self) -> Option<Target<'_>> {
+        match &self.worker {
+            Some(worker) => Some(Target::Worker(worker)),
+            None if self.reason == UNROUTABLE => {
+                events::EventType::parse(&self.routing_key).map(Target::Events)
+            }
+            None => None,
+        }
+    }
+}
+
 /// The worker that gave the message up: ours name it; the broker's name the worker's queue.
 fn worker_of(headers: &FieldTable, topology: &Topology) -> Option<String> {
     text_header(headers, WORKER_HEADER).or_else(|| {
@@ -239,10 +263,14 @@ async fn list(settings: &Settings, topology: &Topology, args: ListArgs) -> anyho
 
 fn print_letter(letter: &DeadLetter) {
     let unknown = || "?".to_owned();
+    let no_worker = || match letter.reason.as_str() {
+        UNROUTABLE => "none".to_owned(),
+        _ => unknown(),
+    };
     println!(
         "━━ {} · worker {} · {}",
         letter.reason,
-        letter.worker.clone().unwrap_or_else(unknown),
+        letter.worker.clone().unwrap_or_else(no_worker),
         letter.dead_lettered_at.clone().unwrap_or_else(unknown),
     );
     println!(
@@ -279,30 +307,50 @@ struct Replayer {
 }
 
 impl Replayer {
-    /// Publishes the dead letter to its worker's queue, confirmed; true when it went under a
-    /// new id.
+    /// Publishes the dead letter, confirmed, to the queue of its worker, or through the events
+    /// exchange (see [`Target`]); true when it went under a new id.
     async fn send(
         &self,
         topology: &Topology,
         delivery: &Delivery,
         letter: &DeadLetter,
-        worker: &str,
+        target: Target<'_>,
     ) -> anyhow::Result<bool> {
-        let fresh = fresh_id(&self.store, &delivery.data, worker).await?;
+        let fresh = match target {
+            Target::Worker(worker) => fresh_id(&self.store, &delivery.data, worker).await?,
+            Target::Events(_) => None, // it never ran
+        };
         let body = match &fresh {
             Some(fresh) => {
                 println!(
-                    "{} was decided as failed by {worker}: replayed as {}",
-                    fresh.original, fresh.id
+                    "{} was decided as failed by {}: replayed as {}",
+                    fresh.original,
+                    letter.worker.as_deref().unwrap_or("?"),
+                    fresh.id
                 );
                 fresh.body.as_slice()
             }
             None => delivery.data.as_slice(),
         };
-        let target = topology.worker_queue(worker);
+        let (exchange, routing_key, missing) = match target {
+            Target::Worker(worker) => {
+                let queue = topology.worker_queue(worker);
+                let missing =
+                    format!("queue {queue} does not exist (is the `{worker}` worker deployed?)");
+                (String::new(), queue, missing)
+            }
+            Target::Events(kind) => {
+                let exchange = topology.events_exchange();
+                let missing = format!(
+                    "no worker queue is bound for {} on {exchange} (is `copilot-workers run` up?)",
+                    kind.as_str()
+                );
+                (exchange, kind.as_str().to_owned(), missing)
+            }
+        };
         // The routing key it was first published with goes along, should it be dead-lettered
         // again, and so does its trace.
-        let mut message = Outgoing::new("", &target, body)
+        let mut message = Outgoing::new(&exchange, &routing_key, body)
             .header(ORIGINAL_ROUTING_KEY_HEADER, &letter.routing_key);
         let headers = delivery.properties.headers().as_ref();
         if let Some(traceparent) = headers.and_then(|h| text_header(h, TRACEPARENT_HEADER)) {
@@ -312,9 +360,7 @@ impl Replayer {
         message.content_type = content_type.map_or(events::CLOUDEVENTS_JSON, |ct| ct.as_str());
         match self.publisher.publish(&message).await {
             Ok(()) => Ok(fresh.is_some()),
-            Err(PublishError::Unroutable { .. }) => Err(anyhow::anyhow!(
-                "queue {target} does not exist (is the `{worker}` worker deployed?)"
-            )),
+            Err(PublishError::Unroutable { .. }) => Err(anyhow::anyhow!(missing)),
             Err(err) => Err(err.into()),
         }
     }
@@ -344,7 +390,7 @@ async fn take(
         None => None,
     };
     let channel = link.connection().await.create_channel().await?;
-    let (mut taken, mut renamed, mut passed) = (0_u64, 0_u64, 0_u64);
+    let (mut taken, mut renamed, mut passed, mut stranded) = (0_u64, 0_u64, 0_u64, 0_u64);
     // Only the messages there at the start: one replayed and dead-lettered again comes after
     // them, and is not met twice.
     for _ in 0..total {
@@ -355,18 +401,18 @@ async fn take(
             break;
         };
         let letter = DeadLetter::read(&delivery, topology);
-        // Passed over (not selected, or no worker to replay it to): held unacked until the
+        // Passed over (not selected, or nowhere to replay it to): held unacked until the
         // channel closes, which returns it.
         if !selection.filter.selects(&letter) {
             passed += 1;
             continue;
         }
         if let Some(replayer) = &replayer {
-            let Some(worker) = letter.worker.as_deref() else {
-                passed += 1;
+            let Some(target) = letter.replay_target() else {
+                stranded += 1;
                 continue;
             };
-            let sent = replayer.send(topology, &delivery, &letter, worker).await;
+            let sent = replayer.send(topology, &delivery, &letter, target).await;
             if sent
                 .with_context(|| format!("{taken} {verb} before it, the rest left on {queue}"))?
             {
@@ -397,6 +443,13 @@ async fn take(
     );
     if passed > 0 && !selection.all {
         eprintln!("{passed} did not match (see `copilot-workers dead-letters list`)");
+    }
+    if stranded > 0 {
+        eprintln!(
+            "{stranded} left: no worker to send them to (an event type no worker handles, or \
+             the broker's own dead letters of a queue that is not a worker's); purge them once \
+             looked at"
+        );
     }
     Ok(())
 }
@@ -496,5 +549,41 @@ mod tests {
         // Another installation's queue is not ours to name.
         let other = Topology::new("u.", 10);
         assert_eq!(worker_of(&headers, &other), None);
+    }
+
+    #[test]
+    fn a_replay_goes_to_the_worker_that_gave_it_up_or_by_type_through_the_events_exchange() {
+        let letter = |reason: &str, worker: Option<&str>, routing_key: &str| DeadLetter {
+            reason: reason.to_owned(),
+            worker: worker.map(str::to_owned),
+            error: None,
+            routing_key: routing_key.to_owned(),
+            dead_lettered_at: None,
+            event_id: None,
+            org_id: None,
+            ticket_id: None,
+            bytes: 0,
+        };
+        let target = |letter: &DeadLetter| match letter.replay_target() {
+            Some(Target::Worker(worker)) => format!("worker {worker}"),
+            Some(Target::Events(kind)) => format!("events {}", kind.as_str()),
+            None => "nowhere".to_owned(),
+        };
+        let cases = [
+            (
+                letter("not_json", Some("triage"), "ticket.created"),
+                "worker triage",
+            ),
+            (
+                letter(UNROUTABLE, None, "ticket.updated"),
+                "events ticket.updated",
+            ),
+            (letter(UNROUTABLE, None, "ticket.create"), "nowhere"),
+            // A dead letter without a worker for another reason is not sent anywhere by type.
+            (letter("unknown", None, "ticket.created"), "nowhere"),
+        ];
+        for (letter, expected) in cases {
+            assert_eq!(target(&letter), expected, "{letter:?}");
+        }
     }
 }

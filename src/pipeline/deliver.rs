@@ -28,6 +28,10 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 /// Header giving when a delivery was dead-lettered (RFC 3339, UTC).
 pub const DEAD_LETTERED_AT_HEADER: &str = "x-copilot-dead-lettered-at";
+/// The dead-letter reason of an event no worker queue took.
+pub const UNROUTABLE: &str = "unroutable";
+/// The dead-letter routing key's first word for an event no worker queue took.
+const UNROUTED: &str = "unrouted";
 /// Header giving a parked event's turn at its org's gate (milliseconds since the Unix epoch).
 pub const TURN_HEADER: &str = "x-copilot-turn";
 
@@ -75,20 +79,21 @@ impl Pipeline {
     pub(super) async fn skip(&self, worker: &Worker, delivery: &Delivery, reason: &'static str) {
         metrics::counter!(m::EVENTS_SKIPPED, "worker" => worker.name().to_owned(), "reason" => reason)
             .increment(1);
-        self.ack(worker, delivery).await;
+        self.ack(worker.name(), delivery).await;
     }
 
-    /// Sends the delivery, unchanged, to the dead-letter exchange with its reason; acks once
-    /// the broker confirmed it.
+    /// Sends the delivery, unchanged, to the dead-letter exchange with its reason and the
+    /// worker that gave it up (none for an event no worker queue took); acks once the broker
+    /// confirmed it.
     pub(super) async fn dead_letter(
         &self,
-        worker: &Worker,
+        worker: Option<&str>,
         delivery: &Delivery,
         reason: &'static str,
         detail: &str,
     ) {
         let exchange = self.topology.dead_letter_exchange();
-        let routing_key = format!("{}.{reason}", worker.name());
+        let routing_key = format!("{}.{reason}", worker.unwrap_or(UNROUTED));
         let detail: String = detail.chars().take(300).collect();
         let content_type = content_type(delivery);
         // A replayed dead letter came through the worker's queue; it keeps the routing key it
@@ -98,9 +103,11 @@ impl Pipeline {
         let mut message = Outgoing::new(&exchange, &routing_key, &delivery.data)
             .header(REASON_HEADER, reason)
             .header("x-copilot-error", &detail)
-            .header(WORKER_HEADER, worker.name())
             .header(DEAD_LETTERED_AT_HEADER, &events::now_rfc3339())
             .header(ORIGINAL_ROUTING_KEY_HEADER, &original_routing_key);
+        if let Some(worker) = worker {
+            message = message.header(WORKER_HEADER, worker);
+        }
         message.content_type = content_type
             .as_deref()
             .unwrap_or("application/octet-stream");
@@ -110,10 +117,11 @@ impl Pipeline {
         }
         match self.publish_held(&message, "dead_letter").await {
             Ok(()) => {
-                metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.name().to_owned(),
+                // No worker: the label is empty, which Prometheus reads as absent.
+                metrics::counter!(m::EVENTS_DEAD_LETTERED, "worker" => worker.unwrap_or("").to_owned(),
                     "reason" => reason)
                 .increment(1);
-                self.ack(worker, delivery).await;
+                self.ack(worker.unwrap_or(""), delivery).await;
             }
             Err(err) => log_publish_failure(&err, "dead letter"),
         }
@@ -173,7 +181,7 @@ impl Pipeline {
                 );
                 metrics::counter!(m::EVENTS_PARKED, "worker" => worker.name().to_owned(), "reason" => reason)
                     .increment(1);
-                self.ack(worker, delivery).await;
+                self.ack(worker.name(), delivery).await;
             }
             Err(err) => log_publish_failure(&err, "parked event"),
         }
@@ -212,18 +220,18 @@ impl Pipeline {
     }
 
     /// Acks; a `false` from lapin (the channel was recovered) is counted, not ignored.
-    pub(super) async fn ack(&self, worker: &Worker, delivery: &Delivery) {
+    pub(super) async fn ack(&self, worker: &str, delivery: &Delivery) {
         let step = std::time::Instant::now();
         match delivery.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => m::record_step("ack", step),
             Ok(false) => {
-                metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
+                metrics::counter!(m::ACKS_LOST, "worker" => worker.to_owned()).increment(1);
                 tracing::info!(
                     "ack not taken (channel recovered); the delivery will come back and the ledger will answer it"
                 );
             }
             Err(err) => {
-                metrics::counter!(m::ACKS_LOST, "worker" => worker.name().to_owned()).increment(1);
+                metrics::counter!(m::ACKS_LOST, "worker" => worker.to_owned()).increment(1);
                 tracing::warn!(error = %err, "ack failed; the delivery will come back");
             }
         }

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use claim::Claim;
 pub use deliver::{
     ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
-    TRACEPARENT_HEADER, TURN_HEADER, WORKER_HEADER,
+    TRACEPARENT_HEADER, TURN_HEADER, UNROUTABLE, WORKER_HEADER,
 };
 use run::{Run, Spent};
 
@@ -92,8 +92,13 @@ impl Pipeline {
             Err(bad) => {
                 tracing::warn!(worker = worker.name(), reason = bad.reason(), error = %bad, "dead-lettering bad input");
                 // Boxed: a rare path that would otherwise widen every delivery's future.
-                Box::pin(self.dead_letter(&worker, &delivery, bad.reason(), &bad.to_string()))
-                    .await;
+                Box::pin(self.dead_letter(
+                    Some(worker.name()),
+                    &delivery,
+                    bad.reason(),
+                    &bad.to_string(),
+                ))
+                .await;
             }
             Ok(event) => {
                 let span = tracing::info_span!("event", event_id = %event.id,
@@ -108,6 +113,33 @@ impl Pipeline {
             }
         }
         metrics::gauge!(m::EVENTS_IN_FLIGHT).decrement(1.0);
+    }
+
+    /// Handles one delivery from the unrouted-events queue: an event published to the events
+    /// exchange that no worker queue was bound for (a type no worker knows, a misspelt
+    /// routing key, or a worker queue being declared again). It is dead-lettered, unchanged,
+    /// as `unroutable`, with no worker: `dead-letters replay` sends one of a known type back
+    /// through the events exchange.
+    pub async fn handle_unrouted(self: Arc<Self>, delivery: Delivery) {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            id: Option<String>,
+        }
+        let routing_key = delivery.routing_key.as_str();
+        let event_id = serde_json::from_slice::<Named>(&delivery.data)
+            .ok()
+            .and_then(|named| named.id)
+            .map(|id| id.chars().take(events::MAX_ID_BYTES).collect::<String>());
+        tracing::warn!(
+            routing_key,
+            event_id = event_id.as_deref().unwrap_or("-"),
+            "an event no worker queue is bound for; dead-lettering it as unroutable"
+        );
+        let detail = format!(
+            "no worker queue is bound for routing key {routing_key:?} on {}",
+            self.topology.events_exchange()
+        );
+        self.dead_letter(None, &delivery, UNROUTABLE, &detail).await;
     }
 
     /// The run, in three steps: admit (config, org gate, prompt, ledger, claim), the provider
@@ -209,8 +241,13 @@ impl Pipeline {
             Ok(prepared) => prepared,
             Err(err) => {
                 tracing::error!(error = %err, "worker prompt failed to render");
-                self.dead_letter(worker, delivery, "render_failed", &err.to_string())
-                    .await;
+                self.dead_letter(
+                    Some(worker.name()),
+                    delivery,
+                    "render_failed",
+                    &err.to_string(),
+                )
+                .await;
                 return None;
             }
         };
@@ -241,7 +278,8 @@ impl Pipeline {
                 // leaves the dead letter.
                 match self.dead_letter_for(&entry) {
                     Some((reason, detail)) => {
-                        self.dead_letter(worker, delivery, reason, &detail).await
+                        self.dead_letter(Some(worker.name()), delivery, reason, &detail)
+                            .await
                     }
                     None => self.skip(worker, delivery, "duplicate").await,
                 }
@@ -417,8 +455,11 @@ impl Pipeline {
         }
         // The result that stands decides (another replica's may have been recorded first).
         match self.dead_letter_for(&standing) {
-            Some((reason, detail)) => self.dead_letter(worker, delivery, reason, &detail).await,
-            None => self.ack(worker, delivery).await,
+            Some((reason, detail)) => {
+                self.dead_letter(Some(worker.name()), delivery, reason, &detail)
+                    .await
+            }
+            None => self.ack(worker.name(), delivery).await,
         }
         let overhead = started.elapsed().saturating_sub(spent.provider_time);
         m::record_overhead(worker.name(), overhead);

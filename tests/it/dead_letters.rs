@@ -325,3 +325,121 @@ async fn a_failure_for_good_is_dead_lettered_when_asked_and_replayed_once_the_or
     assert_eq!(completed.data.output.as_ref(), Some(&output));
     h.finish().await;
 }
+
+/// The alternate-exchange policy the README gives operators, for this test's prefix; cleared
+/// when dropped, whatever the test's outcome.
+struct UnroutedPolicy(String);
+
+impl UnroutedPolicy {
+    fn set(h: &Harness) -> UnroutedPolicy {
+        let name = format!("{}unrouted-events", h.settings.topology_prefix);
+        let pattern = format!("^{}$", h.topology.events_exchange().replace('.', "\\."));
+        let definition = format!(
+            r#"{{"alternate-exchange":"{}"}}"#,
+            h.topology.unrouted_events()
+        );
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "set_policy", &name, &pattern, &definition])
+            .args(["--apply-to", "exchanges"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "rabbitmqctl set_policy");
+        UnroutedPolicy(name)
+    }
+}
+
+impl Drop for UnroutedPolicy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "clear_policy", &self.0])
+            .status();
+    }
+}
+
+/// An event published under a routing key no worker queue is bound for (a type misspelt by
+/// the helpdesk) goes, through the operator's alternate-exchange policy, to the
+/// unrouted-events queue; the worker dead-letters it there as `unroutable`, counted, with no
+/// provider call. One of a known type that came there while the worker queues were being
+/// declared again is replayed through the events exchange and runs; the misspelt one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_replayed_by_its_type() {
+    let mut h = Harness::start().await;
+    let provider = MockServer::start().await;
+    let output = summary_output("Routed after all.");
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(&output)))
+        .mount(&provider)
+        .await;
+    h.set_org("org_a", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    let _policy = UnroutedPolicy::set(&h);
+
+    // Without the policy the broker drops it (the test's publish is mandatory, and would
+    // come back unroutable).
+    let misspelt = ticket_event("evt_misspelt", "org_a", "ticket.created");
+    h.publish_raw(misspelt.to_string().as_bytes(), "ticket.create", None)
+        .await;
+    // What the alternate exchange receives while a worker queue is declared again.
+    let windowed = ticket_event("evt_window", "org_a", "ticket.created").to_string();
+    let unrouted = h.topology.unrouted_events();
+    let mut message = Outgoing::new(&unrouted, "ticket.created", windowed.as_bytes())
+        .header("traceparent", TRACEPARENT);
+    message.content_type = "application/cloudevents+json";
+    h.publish_message(&message).await;
+    dead_letters_become(&h, 2).await;
+
+    let letters = listed(&h).await;
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    for (letter, (id, routing_key)) in letters.iter().zip([
+        ("evt_misspelt", "ticket.create"),
+        ("evt_window", "ticket.created"),
+    ]) {
+        assert_eq!(letter["reason"], "unroutable", "{letter:#?}");
+        assert_eq!(letter["worker"], Value::Null);
+        assert_eq!(letter["event_id"], id);
+        assert_eq!(letter["routing_key"], routing_key);
+        assert!(
+            letter["error"]
+                .as_str()
+                .is_some_and(|error| error.contains(routing_key)),
+            "{letter:#?}"
+        );
+    }
+    assert_eq!(
+        h.counter(r#"copilot_events_dead_lettered_total{worker="",reason="unroutable"}"#)
+            .await,
+        2.0
+    );
+    assert!(provider.received_requests().await.unwrap().is_empty());
+    let shown = h.cli(&["dead-letters", "list"]).await;
+    assert!(
+        said(&shown).contains("unroutable · worker none"),
+        "{}",
+        said(&shown)
+    );
+    dead_letters_become(&h, 2).await;
+
+    let replayed = h
+        .cli(&["dead-letters", "replay", "--reason", "unroutable"])
+        .await;
+    let text = said(&replayed);
+    assert!(replayed.status.success(), "{text}");
+    assert!(text.contains("replayed 1 dead letter(s)"), "{text}");
+    assert!(text.contains("1 left: no worker to send them to"), "{text}");
+    let (completed, delivery) = h
+        .next_result(WAIT)
+        .await
+        .expect("the replayed run's result");
+    assert!(completed.is_completed());
+    assert_eq!(completed.data.source_event_id, "evt_window");
+    assert_eq!(completed.data.output.as_ref(), Some(&output));
+    assert_eq!(
+        header(&delivery, "traceparent").as_deref(),
+        Some(TRACEPARENT)
+    );
+    assert_eq!(provider.received_requests().await.unwrap().len(), 1);
+    dead_letters_become(&h, 1).await;
+    let left = listed(&h).await;
+    assert_eq!(left[0]["event_id"], "evt_misspelt");
+    h.finish().await;
+}

@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::faults::close_broker_connections;
 use crate::skeleton::provider_for;
-use crate::support::{AMQP_URL, Harness, Options, summary_output, ticket_event, unique};
+use crate::support::{AMQP_URL, Harness, Options, header, summary_output, ticket_event, unique};
 
 const KEY: &str = "sk-ops-0123456789";
 const WAIT: Duration = Duration::from_secs(20);
@@ -310,8 +310,7 @@ async fn traceparent_travels_from_the_event_to_its_result_and_dead_letter() {
     message.headers = headers;
     h.publish_message(&message).await;
     let (_, delivery) = h.next_result(WAIT).await.expect("a result");
-    let carried =
-        crate::support::header(&delivery, "traceparent").expect("traceparent on the result");
+    let carried = header(&delivery, "traceparent").expect("traceparent on the result");
     assert_eq!(
         &carried[3..35],
         "4bf92f3577b34da6a3ce929d0e0e4736",
@@ -324,7 +323,7 @@ async fn traceparent_travels_from_the_event_to_its_result_and_dead_letter() {
     h.publish_message(&bad).await;
     let dead = h.wait_dead_letters(1, WAIT).await;
     assert_eq!(
-        crate::support::header(&dead[0], "traceparent").as_deref(),
+        header(&dead[0], "traceparent").as_deref(),
         Some(traceparent)
     );
     h.finish().await;
@@ -393,7 +392,7 @@ async fn the_rabbitmq_definitions_match_what_the_service_declares() {
     for key in ["users", "permissions", "vhosts"] {
         defs.as_object_mut().unwrap().remove(key);
     }
-    for key in ["exchanges", "queues", "bindings"] {
+    for key in ["policies", "exchanges", "queues", "bindings"] {
         for item in defs[key].as_array_mut().unwrap() {
             item["vhost"] = serde_json::json!(vhost);
         }
@@ -425,6 +424,21 @@ async fn the_rabbitmq_definitions_match_what_the_service_declares() {
     h.publish(&ticket_event("evt_defs", "org_acme", "ticket.created"))
         .await;
     assert!(h.results(1, WAIT).await[0].is_completed());
+    // The policy they carry gives the events exchange its alternate exchange: an event of a
+    // type no worker queue is bound for is dead-lettered, not dropped (the test's publish is
+    // mandatory, and without it would come back unroutable).
+    let mut misspelt = ticket_event("evt_misspelt", "org_acme", "ticket.created");
+    misspelt["type"] = serde_json::json!("ticket.create");
+    h.publish(&misspelt).await;
+    let letters = h.wait_dead_letters(1, WAIT).await;
+    assert_eq!(
+        header(&letters[0], "x-copilot-reason").as_deref(),
+        Some("unroutable")
+    );
+    assert_eq!(
+        header(&letters[0], "x-original-routing-key").as_deref(),
+        Some("ticket.create")
+    );
     h.finish().await;
     rabbitmqctl(&["delete_vhost", &vhost]);
     let _ = std::fs::remove_file(path);
