@@ -35,6 +35,13 @@ dashboard = json.load(open("ops/grafana/dashboards/copilot-workers.json"))
 assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
 definitions = json.load(open("ops/rabbitmq/definitions.json"))
 assert {q["name"] for q in definitions["queues"]} >= {f"copilot.worker.{w}" for w in workers}
+# Each worker queue is bound to the event types its worker reacts to, and to no other.
+specs = {s["name"]: s for s in (tomllib.load(open(p, "rb")) for p in glob.glob("workers/*.toml"))}
+bound = {}
+for b in definitions["bindings"]:
+    if b["source"] == "tickets.events":
+        bound.setdefault(b["destination"], set()).add(b["routing_key"])
+assert bound == {f"copilot.worker.{w}": set(s["events"]) for w, s in specs.items()}, bound
 exchanges = {e["name"] for e in definitions["exchanges"]}
 for policy in definitions.get("policies", []):
     alternate = policy["definition"].get("alternate-exchange")

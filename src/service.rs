@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Consumer, Link, Publisher, Topology, TopologyKeeper};
+use crate::broker::{Consumer, Link, Publisher, Subscription, Topology, TopologyKeeper};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
 use crate::pipeline::Pipeline;
@@ -122,7 +122,15 @@ pub async fn run(
     let publisher = Publisher::new(publishing.clone()).await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
-    if let Err(err) = topology.declare(&publisher.channel().await, &names).await {
+    let subscriptions: Vec<Subscription> = catalog
+        .all()
+        .iter()
+        .map(|worker| Subscription::new(worker.name(), worker.events()))
+        .collect();
+    if let Err(err) = topology
+        .declare(&publisher.channel().await, &subscriptions)
+        .await
+    {
         let hint = if crate::broker::is_precondition_failed(&err) {
             " (a queue's arguments are fixed when it is first declared: to change \
              COPILOT_DELIVERY_LIMIT on existing queues, use a RabbitMQ policy, or drain and \
@@ -137,7 +145,7 @@ pub async fn run(
 
     let keeper = Arc::new(TopologyKeeper::new(
         topology.clone(),
-        names.iter().map(|name| (*name).to_owned()).collect(),
+        subscriptions,
         publishing.clone(),
     ));
 

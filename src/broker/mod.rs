@@ -9,7 +9,7 @@ pub mod topology;
 pub use consumer::Consumer;
 pub use link::Link;
 pub use publisher::{Outgoing, PublishError, Publisher};
-pub use topology::{Topology, TopologyKeeper};
+pub use topology::{Subscription, Topology, TopologyKeeper};
 
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};

@@ -1,7 +1,7 @@
 //! Exchange and queue names, and declaring them.
 //!
 //! ```text
-//! tickets.events (topic) ──ticket.*──▶ copilot.worker.<name> (quorum, delivery limit, DLX)
+//! tickets.events (topic) ──its types──▶ copilot.worker.<name> (quorum, delivery limit, DLX)
 //!   │ no queue bound (by policy: alternate exchange)
 //!   └──▶ copilot.events.unrouted (fanout) ──▶ queue of that name ──▶ the worker dead-letters it
 //!                                          │ parked: copilot.delay.<name>.<secs>s (TTL) ─┐
@@ -19,13 +19,32 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
+use crate::events::EventType;
+
+/// A worker's queue and the event types bound to it: those the worker reacts to, so that an
+/// event reaches only the queues of workers that will run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub worker: String,
+    pub events: Vec<EventType>,
+}
+
+impl Subscription {
+    pub fn new(worker: &str, events: &[EventType]) -> Subscription {
+        Subscription {
+            worker: worker.to_owned(),
+            events: events.to_vec(),
+        }
+    }
+}
+
 /// Declares the topology again when the broker has lost part of it (a queue or an exchange
 /// deleted by hand, a node rebuilt without its definitions), so that a running worker heals
 /// what it declared at start instead of stranding deliveries until it is restarted. One
 /// declaration runs at a time; callers within a second of the last one share it.
 pub struct TopologyKeeper {
     topology: Topology,
-    workers: Vec<String>,
+    workers: Vec<Subscription>,
     link: std::sync::Arc<super::Link>,
     last: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -33,7 +52,7 @@ pub struct TopologyKeeper {
 impl TopologyKeeper {
     pub fn new(
         topology: Topology,
-        workers: Vec<String>,
+        workers: Vec<Subscription>,
         link: std::sync::Arc<super::Link>,
     ) -> TopologyKeeper {
         TopologyKeeper {
@@ -51,10 +70,9 @@ impl TopologyKeeper {
         if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
             return;
         }
-        let names: Vec<&str> = self.workers.iter().map(String::as_str).collect();
         let declare = async {
             let channel = self.link.connection().await.create_channel().await?;
-            let declared = self.topology.declare(&channel, &names).await;
+            let declared = self.topology.declare(&channel, &self.workers).await;
             let _ = channel.close(200, "declared".into()).await;
             declared
         };
@@ -233,7 +251,11 @@ impl Topology {
     }
 
     /// Declares everything the given workers need. Idempotent; safe from many replicas.
-    pub async fn declare(&self, channel: &Channel, workers: &[&str]) -> Result<(), lapin::Error> {
+    pub async fn declare(
+        &self,
+        channel: &Channel,
+        workers: &[Subscription],
+    ) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -337,23 +359,34 @@ impl Topology {
     async fn declare_worker(
         &self,
         channel: &Channel,
-        worker: &str,
+        subscription: &Subscription,
         options: QueueDeclareOptions,
     ) -> Result<(), lapin::Error> {
+        let worker = subscription.worker.as_str();
         let queue = self.worker_queue(worker);
         channel
             .queue_declare(queue.clone().into(), options, self.limited_quorum_args())
             .await?;
-        for kind in crate::events::EventType::ALL {
-            channel
-                .queue_bind(
-                    queue.clone().into(),
-                    self.events_exchange().into(),
-                    kind.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+        for kind in EventType::ALL {
+            let (queue, exchange) = (queue.clone().into(), self.events_exchange().into());
+            if subscription.events.contains(&kind) {
+                channel
+                    .queue_bind(
+                        queue,
+                        exchange,
+                        kind.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            } else {
+                // Bound by an earlier version (which bound every type) or before the worker's
+                // spec dropped the type: its events would only be skipped. Unbinding what is
+                // not bound is no error.
+                channel
+                    .queue_unbind(queue, exchange, kind.as_str().into(), FieldTable::default())
+                    .await?;
+            }
         }
         for secs in DELAY_STEPS_SECS {
             // A parked event waits here for the queue's TTL, then the broker dead-letters it

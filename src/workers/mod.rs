@@ -130,6 +130,11 @@ impl Worker {
         &self.spec.name
     }
 
+    /// The event types it reacts to (its queue is bound to these only).
+    pub fn events(&self) -> &[EventType] {
+        &self.spec.events
+    }
+
     pub fn handles(&self, kind: EventType) -> bool {
         self.spec.events.contains(&kind)
     }

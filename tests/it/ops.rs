@@ -462,3 +462,94 @@ async fn broker_frames_default_to_32_kib_and_the_url_can_change_that() {
     let refused = copilot_workers::broker::connect("amqp://[::1", "bad").await;
     assert!(refused.is_err(), "a malformed URL is an error, not a panic");
 }
+
+/// The routing keys bound from this installation's events exchange to `queue`, sorted.
+fn bound_types(h: &Harness, queue: &str) -> Vec<String> {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_bindings", "source_name", "destination_name"])
+        .arg("routing_key")
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "rabbitmqctl list_bindings");
+    let exchange = h.topology.events_exchange();
+    let mut types: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter_map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
+            [source, destination, key] if source == exchange && destination == queue => {
+                Some(key.to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    types.sort();
+    types
+}
+
+/// A worker queue is bound only to the event types its worker reacts to, so that an event
+/// reaches only the workers that will run it (before, every queue took every type and most
+/// workers acked `ticket.updated` unread). A binding an earlier version made for a type the
+/// worker does not react to is removed when the worker starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_queue_takes_only_the_event_types_its_worker_reacts_to() {
+    let mut h = Harness::with(Options {
+        in_process: false,
+        workers: vec!["summarize", "triage"],
+        ..Options::default()
+    })
+    .await;
+    let (summarize, triage) = (
+        h.topology.worker_queue("summarize"),
+        h.topology.worker_queue("triage"),
+    );
+    // What every install had before: summarize's queue bound to ticket.updated too.
+    let connection = copilot_workers::broker::connect(&h.settings.amqp_url, "binder")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_bind(
+            summarize.as_str().into(),
+            h.topology.events_exchange().into(),
+            "ticket.updated".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        bound_types(&h, &summarize),
+        ["ticket.created", "ticket.message_added", "ticket.updated"]
+    );
+
+    let provider = provider_for(KEY, &crate::workers::realistic("triage")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    let mut worker = h.spawn_binary();
+    h.eventually(WAIT, "both workers consuming", || async {
+        h.queue_consumers(&summarize).await == 1 && h.queue_consumers(&triage).await == 1
+    })
+    .await;
+    assert_eq!(
+        bound_types(&h, &summarize),
+        ["ticket.created", "ticket.message_added"]
+    );
+    assert_eq!(
+        bound_types(&h, &triage),
+        ["ticket.created", "ticket.updated"]
+    );
+
+    h.publish(&ticket_event("evt_updated", "org_acme", "ticket.updated"))
+        .await;
+    let result = h.results(1, WAIT).await.remove(0);
+    assert!(result.is_completed());
+    assert_eq!(result.data.worker, "triage");
+    assert_eq!(provider.received_requests().await.unwrap().len(), 1);
+    worker.signal("-TERM");
+    let status = tokio::time::timeout(WAIT, worker.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{}", worker.output.await.unwrap());
+    connection.close(200, "done".into()).await.unwrap();
+    h.finish().await;
+}

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use copilot_workers::broker::{self, Outgoing, Publisher, Topology};
+use copilot_workers::broker::{self, Outgoing, Publisher, Subscription, Topology};
 use copilot_workers::config::{Settings, SettingsArgs};
 use copilot_workers::crypto::KeyRing;
 use copilot_workers::events::ResultEvent;
@@ -184,7 +184,11 @@ impl Harness {
             };
             (Some(service), started.http_addr)
         } else {
-            let workers: Vec<&str> = names.iter().map(String::as_str).collect();
+            let workers: Vec<Subscription> = catalog
+                .all()
+                .iter()
+                .map(|worker| Subscription::new(worker.name(), worker.events()))
+                .collect();
             topology
                 .declare(&publisher.channel().await, &workers)
                 .await

@@ -15,7 +15,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const KEY: &str = "sk-acme-0123456789";
 
 /// A realistic reply per worker.
-fn realistic(worker: &str) -> Value {
+pub fn realistic(worker: &str) -> Value {
     match worker {
         "summarize" => {
             json!({"summary": "Ada cannot log in since this morning; every attempt ends in a 500 error.",

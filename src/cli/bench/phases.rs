@@ -20,10 +20,10 @@ use super::measure::{
     BROKER, POSTGRES, context_switches, counter_total, cpu_note, cpu_of, histogram_mean,
     histogram_quantile, process_stats, rates, reset_peak_rss, switches_note,
 };
-use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Topology};
+use crate::broker::{self, Consumer, Link, Outgoing, Publisher, Subscription, Topology};
 use crate::config::{EndpointPolicy, Settings};
 use crate::crypto::KeyRing;
-use crate::events;
+use crate::events::{self, EventType};
 use crate::provider::Profile;
 use crate::provider::fake::{FakeBehaviour, FakeProvider};
 use crate::provider::http::HttpClient;
@@ -31,6 +31,15 @@ use crate::store::Store;
 use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
 
 const WORKER: &str = "summarize";
+
+/// The type of the events the bench publishes (the sample ticket's type).
+const KIND: EventType = EventType::TicketMessageAdded;
+
+/// The bench worker's queue, bound to the type the bench publishes (the worker process binds
+/// its own types when it starts).
+fn bench_subscription() -> Subscription {
+    Subscription::new(WORKER, &[KIND])
+}
 const ORG: &str = "org_bench";
 
 pub struct Bench {
@@ -84,7 +93,7 @@ impl EventSender {
         event["data"]["org_id"] = Value::from(ORG);
         event["data"]["ticket"]["id"] = Value::from(format!("B-{}-{i}", self.phase));
         let body = event.to_string();
-        let mut message = Outgoing::new(&self.exchange, "ticket.message_added", body.as_bytes());
+        let mut message = Outgoing::new(&self.exchange, KIND.as_str(), body.as_bytes());
         message.content_type = events::CLOUDEVENTS_JSON;
         message.message_id = Some(&id);
         if let Some(sent) = &self.sent
@@ -263,7 +272,7 @@ impl Bench {
     pub async fn baseline(&self, label: &str, n: usize, rate: Option<u32>) -> anyhow::Result<Row> {
         let topology = self.topology(label);
         topology
-            .declare(&self.publisher.channel().await, &[WORKER])
+            .declare(&self.publisher.channel().await, &[bench_subscription()])
             .await?;
         let arrivals = self.listen(&topology).await?;
         self.prefill(&topology, label, n).await?;
@@ -372,7 +381,7 @@ impl Bench {
     ) -> anyhow::Result<Row> {
         let topology = self.topology(phase);
         topology
-            .declare(&self.publisher.channel().await, &[WORKER])
+            .declare(&self.publisher.channel().await, &[bench_subscription()])
             .await?;
         let fake = FakeProvider::start(FakeBehaviour {
             latency,
