@@ -256,11 +256,19 @@ pub async fn run(
     }
     // Events no worker queue took: rare, and each only dead-lettered, so a small window.
     let unrouted = pipeline.clone();
+    let mut served: Vec<_> = catalog
+        .all()
+        .iter()
+        .flat_map(|w| w.events().to_vec())
+        .collect();
+    served.sort_by_key(|kind| kind.as_str());
+    served.dedup();
+    let served: Arc<[_]> = served.into();
     attach.spawn(
         &consumers,
         topology.unrouted_events(),
         settings.prefetch.min(UNROUTED_PREFETCH),
-        move |delivery| unrouted.clone().handle_unrouted(delivery),
+        move |delivery| unrouted.clone().handle_unrouted(delivery, served.clone()),
     );
     consumers.close();
     wait_attached(&running, consumed, &shutdown).await;

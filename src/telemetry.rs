@@ -48,7 +48,7 @@ fn describe() {
     );
     describe_counter!(
         EVENTS_SKIPPED,
-        "Events acknowledged without a provider call, by worker and reason (no_config, disabled, worker_disabled, unchanged, duplicate)."
+        "Events acknowledged without a provider call, by worker and reason (no_config, disabled, worker_disabled, unchanged, duplicate, not_subscribed; no_worker, with no worker, for an event no worker of this replica reacts to)."
     );
     describe_counter!(
         EVENTS_DEAD_LETTERED,

@@ -32,7 +32,7 @@ use run::{Run, Spent};
 
 use crate::broker::{Publisher, Topology, TopologyKeeper};
 use crate::crypto::KeyRing;
-use crate::events::{self, ResultData, ResultError, ResultEvent, TicketEvent};
+use crate::events::{self, EventType, ResultData, ResultError, ResultEvent, TicketEvent};
 use crate::provider::retry::{self, RetryPolicy};
 use crate::provider::{ErrorClass, ProviderClient, ProviderTarget};
 use crate::store::cache::ConfigCache;
@@ -116,11 +116,14 @@ impl Pipeline {
     }
 
     /// Handles one delivery from the unrouted-events queue: an event published to the events
-    /// exchange that no worker queue was bound for (a type no worker knows, a misspelt
-    /// routing key, or a worker queue being declared again). It is dead-lettered, unchanged,
-    /// as `unroutable`, with no worker: `dead-letters replay` sends one of a known type back
-    /// through the events exchange.
-    pub async fn handle_unrouted(self: Arc<Self>, delivery: Delivery) {
+    /// exchange that no worker queue was bound for. Of a type that no worker of this replica
+    /// (`served`) reacts to, it is acked and counted as skipped (`no_worker`): an install
+    /// that runs only some workers does not want it. Otherwise it is dead-lettered, unchanged,
+    /// as `unroutable`, with no worker: its routing key names no event type (a helpdesk's
+    /// mistake), or a worker queue for its type was missing (deleted, and being declared
+    /// again), and `dead-letters replay` sends one of a known type back through the events
+    /// exchange.
+    pub async fn handle_unrouted(self: Arc<Self>, delivery: Delivery, served: Arc<[EventType]>) {
         #[derive(serde::Deserialize)]
         struct Named {
             id: Option<String>,
@@ -130,9 +133,21 @@ impl Pipeline {
             .ok()
             .and_then(|named| named.id)
             .map(|id| id.chars().take(events::MAX_ID_BYTES).collect::<String>());
+        let event_id = event_id.as_deref().unwrap_or("-");
+        if EventType::parse(routing_key).is_some_and(|kind| !served.contains(&kind)) {
+            tracing::debug!(
+                routing_key,
+                event_id,
+                "no worker here reacts to this event type; skipped"
+            );
+            metrics::counter!(m::EVENTS_SKIPPED, "worker" => "", "reason" => "no_worker")
+                .increment(1);
+            self.ack("", &delivery).await;
+            return;
+        }
         tracing::warn!(
             routing_key,
-            event_id = event_id.as_deref().unwrap_or("-"),
+            event_id,
             "an event no worker queue is bound for; dead-lettering it as unroutable"
         );
         let detail = format!(

@@ -361,6 +361,7 @@ impl Drop for UnroutedPolicy {
 /// unrouted-events queue; the worker dead-letters it there as `unroutable`, counted, with no
 /// provider call. One of a known type that came there while the worker queues were being
 /// declared again is replayed through the events exchange and runs; the misspelt one stays.
+/// One of a type no worker of the install reacts to is skipped, not dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_replayed_by_its_type() {
     let mut h = Harness::start().await;
@@ -386,6 +387,16 @@ async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_repla
         .header("traceparent", TRACEPARENT);
     message.content_type = "application/cloudevents+json";
     h.publish_message(&message).await;
+    // A type no worker of this install reacts to (it runs summarize alone): not wanted here,
+    // and not a mistake either.
+    h.publish(&ticket_event("evt_updated", "org_a", "ticket.updated"))
+        .await;
+    h.eventually(WAIT, "the updated event skipped", || async {
+        h.counter(r#"copilot_events_skipped_total{worker="",reason="no_worker"}"#)
+            .await
+            == 1.0
+    })
+    .await;
     dead_letters_become(&h, 2).await;
 
     let letters = listed(&h).await;
