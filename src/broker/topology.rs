@@ -94,7 +94,7 @@ impl TopologyKeeper {
 }
 
 /// Steps, in seconds, of the delay queues that hold parked events.
-pub const DELAY_STEPS_SECS: [u64; 6] = [5, 30, 60, 120, 300, 900];
+pub const DELAY_STEPS_SECS: [u64; 8] = [5, 10, 15, 30, 60, 120, 300, 900];
 
 /// The names of every exchange and queue, for one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -455,7 +455,8 @@ mod tests {
         };
         assert_eq!(steps(1), (5, 5));
         assert_eq!(steps(5), (5, 5));
-        assert_eq!(steps(29), (30, 5));
+        assert_eq!(steps(12), (15, 10));
+        assert_eq!(steps(29), (30, 15));
         assert_eq!(steps(30), (30, 30));
         assert_eq!(steps(299), (300, 120));
         assert_eq!(steps(5_000), (900, 900));

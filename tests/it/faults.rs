@@ -555,8 +555,7 @@ async fn an_orgs_long_backlog_is_paced_through_the_longer_delay_queues() {
     ids.extend(h.publish_many("paced", n, &["org_a"]).await);
     // Fourteen are held; the turns of the others start about 6 s away, one per call: from
     // about the 60th on they are 30 s away or more.
-    let steps = copilot_workers::broker::topology::DELAY_STEPS_SECS;
-    let longer = h.topology.delay_queue("summarize", steps[1]);
+    let longer = h.topology.delay_queue("summarize", 30);
     h.eventually(
         Duration::from_secs(15),
         "events waiting for their turn in the 30 s queue",

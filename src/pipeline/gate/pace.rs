@@ -4,8 +4,8 @@
 //! (`x-copilot-turn`) so that it keeps its place if it comes back early. Without turns a
 //! backlog came back from the 5 s delay queue every 5 s, and all but the few events the gate
 //! could hold went round again, each round a publish and an ack: an org's backlog of five
-//! minutes cost 29.5 parks per event, against 5.0 with turns (BENCHMARKS.md, "A bulk
-//! import").
+//! minutes cost 29.5 parks per event, against 5.0 with turns, and 3.8 once delay steps of 10
+//! and 15 s took over most of the last 30 s before a turn (BENCHMARKS.md, "A bulk import").
 //!
 //! Only an org whose calls in one shortest deferral (5 s) fit in what the replica can hold
 //! for it (its calls, its waiting room and the shared one) is paced. A faster org is kept
