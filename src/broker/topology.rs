@@ -3,7 +3,7 @@
 //! ```text
 //! tickets.events (topic) ──its types──▶ copilot.worker.<name> (quorum, delivery limit, DLX)
 //!   │ no queue bound (by policy: alternate exchange)
-//!   └──▶ copilot.events.unrouted (fanout) ──▶ queue of that name ──▶ the worker dead-letters it
+//!   └──▶ copilot.events.unrouted (fanout) ──▶ queue of that name ──▶ skipped or dead-lettered
 //!                                          │ parked: copilot.delay.<name>.<secs>s (TTL) ─┐
 //!                                          │ ◀──────────── dead-lettered back ───────────┘
 //!                                          ▼ dead letters
@@ -136,7 +136,8 @@ impl Topology {
 
     /// Receives events no worker queue is bound for, once a policy makes it the events
     /// exchange's alternate exchange: an exchange and a queue of this name, which the worker
-    /// consumes to dead-letter them as `unroutable`. A policy, not an exchange argument:
+    /// consumes (`Pipeline::handle_unrouted`: skipped, or dead-lettered as `unroutable`). A
+    /// policy, not an exchange argument:
     /// helpdesks that declare the events exchange themselves, without arguments, would
     /// otherwise be refused (`PRECONDITION_FAILED`), and so would every existing install.
     pub fn unrouted_events(&self) -> String {

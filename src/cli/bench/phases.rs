@@ -31,7 +31,7 @@ use crate::store::Store;
 use crate::store::configs::{Health, ModelParams, OrgContext, ProviderConfig};
 
 const WORKER: &str = "summarize";
-
+const ORG: &str = "org_bench";
 /// The type of the events the bench publishes (the sample ticket's type).
 const KIND: EventType = EventType::TicketMessageAdded;
 
@@ -40,7 +40,6 @@ const KIND: EventType = EventType::TicketMessageAdded;
 fn bench_subscription() -> Subscription {
     Subscription::new(WORKER, &[KIND])
 }
-const ORG: &str = "org_bench";
 
 pub struct Bench {
     settings: Settings,
