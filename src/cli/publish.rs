@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::broker::{self, Outgoing, Publisher, Topology};
+use crate::broker::{self, Outgoing, PublishError, Publisher, Topology};
 use crate::config::Settings;
 use crate::events;
 
@@ -39,11 +39,19 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
     let publisher = Publisher::new(link.clone()).await?;
     let mut message = Outgoing::new(&exchange, &routing_key, &body);
     message.content_type = events::CLOUDEVENTS_JSON;
-    publisher.publish(&message).await.with_context(|| {
-        format!(
-            "publish to {exchange} failed; has `copilot-workers run` declared the topology yet?"
-        )
-    })?;
+    match publisher.publish(&message).await {
+        Ok(()) => {}
+        // Returned: no queue took it. The event is not a mistake, but nobody runs it.
+        Err(PublishError::Unroutable { .. }) => anyhow::bail!(
+            "no worker queue is bound for {routing_key} on {exchange}: no worker running \
+             reacts to it; nothing was delivered"
+        ),
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "publish to {exchange} failed; has `copilot-workers run` declared the topology yet?"
+            )));
+        }
+    }
     println!(
         "published {} to {exchange} with routing key {routing_key}",
         args.file.display()

@@ -292,6 +292,20 @@ async fn the_publish_command_delivers_an_event_and_refuses_a_missing_exchange_at
     assert_eq!(results[0].data.source_event_id, "evt_cli");
     assert_eq!(results[0].data.output.as_ref(), Some(&output));
 
+    // A type no worker running reacts to (this install runs summarize alone; with no
+    // alternate-exchange policy the broker returns it): said, not retried.
+    let updated = ticket_event("evt_cli_updated", "org_acme", "ticket.updated");
+    std::fs::write(&file, serde_json::to_vec(&updated).unwrap()).unwrap();
+    let returned = publish_cli(&h, &h.settings.topology_prefix, &file);
+    let complaint = String::from_utf8_lossy(&returned.stderr);
+    assert!(!returned.status.success());
+    assert!(
+        complaint.contains("no worker queue is bound for ticket.updated on")
+            && complaint.contains("nothing was delivered"),
+        "{complaint}"
+    );
+    std::fs::write(&file, serde_json::to_vec(&event).unwrap()).unwrap();
+
     // A prefix nobody declared: the command says so and stops, instead of retrying as if
     // the broker were down.
     let missing = format!("{}nobody.", h.settings.topology_prefix);
