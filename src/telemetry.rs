@@ -23,6 +23,7 @@ pub const EVENTS_RECEIVED: &str = "copilot_events_received_total";
 pub const EVENTS_SKIPPED: &str = "copilot_events_skipped_total";
 pub const EVENTS_DEAD_LETTERED: &str = "copilot_events_dead_lettered_total";
 pub const EVENTS_PARKED: &str = "copilot_events_parked_total";
+pub const EVENTS_RESENT: &str = "copilot_events_resent_total";
 pub const RESULTS_PUBLISHED: &str = "copilot_results_published_total";
 pub const PROVIDER_REQUESTS: &str = "copilot_provider_requests_total";
 pub const PROVIDER_RETRIES: &str = "copilot_provider_retries_total";
@@ -57,6 +58,10 @@ fn describe() {
     describe_counter!(
         EVENTS_PARKED,
         "Events parked in a delay queue instead of holding a consumer slot, by worker and reason (provider_backoff, org_busy, circuit_open, shutdown)."
+    );
+    describe_counter!(
+        EVENTS_RESENT,
+        "Events that found no worker queue for their type (deleted, not yet declared again), sent through the events exchange again after the topology was declared again."
     );
     describe_counter!(
         RESULTS_PUBLISHED,

@@ -2,11 +2,12 @@
 //! Each publishes first and acks only once the broker confirmed; while the broker cannot take
 //! the message, the delivery is held (not nacked) and the publish tried again.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::Pipeline;
 use crate::broker::{Outgoing, PublishError, Topology};
@@ -30,6 +31,9 @@ pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 pub const DEAD_LETTERED_AT_HEADER: &str = "x-copilot-dead-lettered-at";
 /// The dead-letter reason of an event no worker queue took.
 pub const UNROUTABLE: &str = "unroutable";
+/// Header counting the times an event no worker queue took was sent through the events
+/// exchange again.
+pub const RESENT_HEADER: &str = "x-copilot-resent";
 /// The dead-letter routing key's first word for an event no worker queue took.
 const UNROUTED: &str = "unrouted";
 /// Header giving a parked event's turn at its org's gate (milliseconds since the Unix epoch).
@@ -140,12 +144,7 @@ impl Pipeline {
             None => Topology::delay_step(delay),
         };
         let queue = self.topology.delay_queue(worker.name(), step);
-        let mut headers = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .map(|headers| headers.inner().clone())
-            .unwrap_or_default();
+        let mut headers = copied_headers(delivery);
         // The parked copy is a new message: it does not carry the broker's record of the
         // delay queues the event went through before. RabbitMQ reads that record to find
         // dead-letter cycles, and drops (or, dead-lettering at least once, holds back) a
@@ -184,6 +183,25 @@ impl Pipeline {
                 self.ack(worker.name(), delivery).await;
             }
             Err(err) => log_publish_failure(&err, "parked event"),
+        }
+    }
+
+    /// Publishes the delivery again, unchanged but for its count of resends (`RESENT_HEADER`),
+    /// through the events exchange under its routing key; acks once the broker confirmed it.
+    pub(super) async fn resend(&self, delivery: &Delivery, resent: u32) {
+        let exchange = self.topology.events_exchange();
+        let mut headers = copied_headers(delivery);
+        headers.insert(
+            RESENT_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(resent)),
+        );
+        let content_type = content_type(delivery);
+        let mut message = Outgoing::new(&exchange, delivery.routing_key.as_str(), &delivery.data);
+        message.headers = FieldTable::from(headers);
+        message.content_type = content_type.as_deref().unwrap_or(events::CLOUDEVENTS_JSON);
+        match self.publish_held(&message, "resent").await {
+            Ok(()) => self.ack("", delivery).await,
+            Err(err) => log_publish_failure(&err, "resent event"),
         }
     }
 
@@ -277,6 +295,16 @@ pub(super) fn traceparent(delivery: &Delivery) -> Option<String> {
 
 /// Whether a header is the broker's dead-lettering record (`x-death`, and the
 /// `x-first-death-*` and `x-last-death-*` summaries).
+/// The delivery's headers, for a copy of it to carry.
+fn copied_headers(delivery: &Delivery) -> BTreeMap<ShortString, AMQPValue> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|headers| headers.inner().clone())
+        .unwrap_or_default()
+}
+
 fn is_death_header(name: &str) -> bool {
     name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
 }
@@ -285,6 +313,12 @@ fn is_death_header(name: &str) -> bool {
 pub(super) fn turn_header(delivery: &Delivery) -> Option<SystemTime> {
     let millis = u64::try_from(int_header(delivery, TURN_HEADER)?).ok()?;
     UNIX_EPOCH.checked_add(Duration::from_millis(millis))
+}
+
+/// Times an event no worker queue took was sent again (`RESENT_HEADER`).
+pub(super) fn resent_header(delivery: &Delivery) -> u32 {
+    let value = int_header(delivery, RESENT_HEADER).unwrap_or(0);
+    u32::try_from(value).unwrap_or(0)
 }
 
 /// Attempts spent before the event was parked.

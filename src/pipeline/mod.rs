@@ -26,7 +26,7 @@ use tracing::Instrument;
 use claim::Claim;
 pub use deliver::{
     ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
-    TRACEPARENT_HEADER, TURN_HEADER, UNROUTABLE, WORKER_HEADER,
+    RESENT_HEADER, TRACEPARENT_HEADER, TURN_HEADER, UNROUTABLE, WORKER_HEADER,
 };
 use run::{Run, Spent};
 
@@ -41,6 +41,12 @@ use crate::store::ledger::{Ledger, LedgerEntry, RunRequest, UsageRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry as m;
 use crate::workers::{Prepared, Worker};
+
+/// How many times an event of a type a worker here reacts to, found with no worker queue
+/// bound for it, is sent through the events exchange again before it is dead-lettered.
+const RESENDS: u32 = 3;
+/// How long after it came an event found with no worker queue for its type is sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything a delivery needs, shared by all tasks.
 pub struct Pipeline {
@@ -116,13 +122,15 @@ impl Pipeline {
     }
 
     /// Handles one delivery from the unrouted-events queue: an event published to the events
-    /// exchange that no worker queue was bound for. Of a type that no worker of this replica
-    /// (`served`) reacts to, it is acked and counted as skipped (`no_worker`): an install
-    /// that runs only some workers does not want it. Otherwise it is dead-lettered, unchanged,
-    /// as `unroutable`, with no worker: its routing key names no event type (a helpdesk's
-    /// mistake), or a worker queue for its type was missing (deleted, and being declared
-    /// again), and `dead-letters replay` sends one of a known type back through the events
-    /// exchange.
+    /// exchange that no worker queue was bound for.
+    /// - Of a type no worker of this replica (`served`) reacts to, it is acked and counted as
+    ///   skipped (`no_worker`): an install that runs only some workers does not want it.
+    /// - Of a type a worker here reacts to, that worker's queue was missing when it was
+    ///   published (deleted, and not yet declared again): the topology is declared again and
+    ///   the event sent through the events exchange again, up to `RESENDS` times.
+    /// - Otherwise (a routing key that names no event type, a helpdesk's mistake, or resends
+    ///   spent) it is dead-lettered, unchanged, as `unroutable`, with no worker; `dead-letters
+    ///   replay` sends one of a known type back through the events exchange.
     pub async fn handle_unrouted(self: Arc<Self>, delivery: Delivery, served: Arc<[EventType]>) {
         #[derive(serde::Deserialize)]
         struct Named {
@@ -134,7 +142,8 @@ impl Pipeline {
             .and_then(|named| named.id)
             .map(|id| id.chars().take(events::MAX_ID_BYTES).collect::<String>());
         let event_id = event_id.as_deref().unwrap_or("-");
-        if EventType::parse(routing_key).is_some_and(|kind| !served.contains(&kind)) {
+        let kind = EventType::parse(routing_key);
+        if kind.is_some_and(|kind| !served.contains(&kind)) {
             tracing::debug!(
                 routing_key,
                 event_id,
@@ -143,6 +152,26 @@ impl Pipeline {
             metrics::counter!(m::EVENTS_SKIPPED, "worker" => "", "reason" => "no_worker")
                 .increment(1);
             self.ack("", &delivery).await;
+            return;
+        }
+        let resent = deliver::resent_header(&delivery);
+        if kind.is_some() && resent < RESENDS {
+            tracing::warn!(
+                routing_key,
+                event_id,
+                resent,
+                "an event found no worker queue for its type; declaring the topology again and sending it again"
+            );
+            // Not at once: RabbitMQ 3.10 tells a deleted quorum queue's consumers ≈30 ms after
+            // the delete, and a queue declared again before that keeps them attached to
+            // nothing (no cancel, no deliveries; checked). The consumers re-attach by
+            // themselves a second after they are told.
+            if !crate::sleep_unless_stopped(RESEND_AFTER, &self.abandon).await {
+                return;
+            }
+            self.keeper.restore().await;
+            metrics::counter!(m::EVENTS_RESENT).increment(1);
+            self.resend(&delivery, resent + 1).await;
             return;
         }
         tracing::warn!(

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use serde_json::Value;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -359,11 +360,12 @@ impl Drop for UnroutedPolicy {
 /// An event published under a routing key no worker queue is bound for (a type misspelt by
 /// the helpdesk) goes, through the operator's alternate-exchange policy, to the
 /// unrouted-events queue; the worker dead-letters it there as `unroutable`, counted, with no
-/// provider call. One of a known type that came there while the worker queues were being
-/// declared again is replayed through the events exchange and runs; the misspelt one stays.
-/// One of a type no worker of the install reacts to is skipped, not dead-lettered.
+/// provider call. One of a type the worker reacts to came there while its queue was missing:
+/// it is sent through the events exchange again and runs; should that keep failing, it is
+/// dead-lettered too, and a replay sends it through the events exchange; the misspelt one
+/// stays. One of a type no worker of the install reacts to is skipped, not dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_replayed_by_its_type() {
+async fn an_event_no_worker_queue_takes_is_resent_skipped_or_dead_lettered_as_unroutable() {
     let mut h = Harness::start().await;
     let provider = MockServer::start().await;
     let output = summary_output("Routed after all.");
@@ -380,12 +382,33 @@ async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_repla
     let misspelt = ticket_event("evt_misspelt", "org_a", "ticket.created");
     h.publish_raw(misspelt.to_string().as_bytes(), "ticket.create", None)
         .await;
-    // What the alternate exchange receives while a worker queue is declared again.
-    let windowed = ticket_event("evt_window", "org_a", "ticket.created").to_string();
+    // What the alternate exchange receives while a deleted worker queue is not declared
+    // again yet: sent again once the topology is declared again, it runs.
+    h.delete_queue(&h.topology.worker_queue("summarize")).await;
     let unrouted = h.topology.unrouted_events();
+    let windowed = ticket_event("evt_window", "org_a", "ticket.created").to_string();
     let mut message = Outgoing::new(&unrouted, "ticket.created", windowed.as_bytes())
         .header("traceparent", TRACEPARENT);
     message.content_type = "application/cloudevents+json";
+    h.publish_message(&message).await;
+    let (completed, delivery) = h
+        .next_result(WAIT)
+        .await
+        .expect("the resent event's result");
+    assert!(completed.is_completed());
+    assert_eq!(completed.data.source_event_id, "evt_window");
+    assert_eq!(
+        header(&delivery, "traceparent").as_deref(),
+        Some(TRACEPARENT)
+    );
+    assert_eq!(h.counter("copilot_events_resent_total").await, 1.0);
+    // The same, its resends spent (the topology could not be declared again).
+    let spent = ticket_event("evt_spent", "org_a", "ticket.created").to_string();
+    let mut message = Outgoing::new(&unrouted, "ticket.created", spent.as_bytes());
+    message.headers.insert(
+        copilot_workers::pipeline::RESENT_HEADER.into(),
+        AMQPValue::LongLongInt(3),
+    );
     h.publish_message(&message).await;
     // A type no worker of this install reacts to (it runs summarize alone): not wanted here,
     // and not a mistake either.
@@ -399,11 +422,12 @@ async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_repla
     .await;
     dead_letters_become(&h, 2).await;
 
-    let letters = listed(&h).await;
+    let mut letters = listed(&h).await;
+    letters.sort_by_key(|letter| letter["event_id"].as_str().map(str::to_owned));
     assert_eq!(letters.len(), 2, "{letters:#?}");
     for (letter, (id, routing_key)) in letters.iter().zip([
         ("evt_misspelt", "ticket.create"),
-        ("evt_window", "ticket.created"),
+        ("evt_spent", "ticket.created"),
     ]) {
         assert_eq!(letter["reason"], "unroutable", "{letter:#?}");
         assert_eq!(letter["worker"], Value::Null);
@@ -421,7 +445,8 @@ async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_repla
             .await,
         2.0
     );
-    assert!(provider.received_requests().await.unwrap().is_empty());
+    assert_eq!(h.counter("copilot_events_resent_total").await, 1.0);
+    assert_eq!(provider.received_requests().await.unwrap().len(), 1);
     let shown = h.cli(&["dead-letters", "list"]).await;
     assert!(
         said(&shown).contains("unroutable · worker none"),
@@ -437,18 +462,14 @@ async fn an_event_no_worker_queue_takes_is_dead_lettered_as_unroutable_and_repla
     assert!(replayed.status.success(), "{text}");
     assert!(text.contains("replayed 1 dead letter(s)"), "{text}");
     assert!(text.contains("1 left: no worker to send them to"), "{text}");
-    let (completed, delivery) = h
+    let (completed, _) = h
         .next_result(WAIT)
         .await
         .expect("the replayed run's result");
     assert!(completed.is_completed());
-    assert_eq!(completed.data.source_event_id, "evt_window");
+    assert_eq!(completed.data.source_event_id, "evt_spent");
     assert_eq!(completed.data.output.as_ref(), Some(&output));
-    assert_eq!(
-        header(&delivery, "traceparent").as_deref(),
-        Some(TRACEPARENT)
-    );
-    assert_eq!(provider.received_requests().await.unwrap().len(), 1);
+    assert_eq!(provider.received_requests().await.unwrap().len(), 2);
     dead_letters_become(&h, 1).await;
     let left = listed(&h).await;
     assert_eq!(left[0]["event_id"], "evt_misspelt");
