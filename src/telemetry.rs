@@ -101,7 +101,7 @@ fn describe() {
     );
     describe_counter!(
         PUBLISH_RETRIES,
-        "Publishes the broker did not confirm, after which the delivery was held and the publish tried again, by message (result, dead_letter, parked)."
+        "Publishes the broker did not confirm, after which the delivery was held and the publish tried again, by message (result, dead_letter, parked, resent)."
     );
     describe_counter!(
         TOPOLOGY_REDECLARED,
