@@ -38,6 +38,12 @@ impl Subscription {
     }
 }
 
+/// How long a restore waits before it declares. RabbitMQ 3.10 tells a deleted quorum queue's
+/// consumers ≈30 ms after the delete, and a queue declared again before that keeps them
+/// attached to nothing: no cancel, no deliveries, and a 541 INTERNAL_ERROR on their connection
+/// when they are cancelled (checked with a second client). Told in time, they re-attach.
+const DECLARE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Declares the topology again when the broker has lost part of it (a queue or an exchange
 /// deleted by hand, a node rebuilt without its definitions), so that a running worker heals
 /// what it declared at start instead of stranding deliveries until it is restarted. One
@@ -64,12 +70,15 @@ impl TopologyKeeper {
     }
 
     /// Declares everything again (idempotent, safe from many replicas), on a channel of its
-    /// own: a declaration the broker refuses closes the channel it was sent on.
+    /// own: a declaration the broker refuses closes the channel it was sent on. Not at once
+    /// (`DECLARE_AFTER`): whatever found part of the topology missing may have come right
+    /// after an operator deleted a queue.
     pub async fn restore(&self) {
         let mut last = self.last.lock().await;
         if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
             return;
         }
+        tokio::time::sleep(DECLARE_AFTER).await;
         let declare = async {
             let channel = self.link.connection().await.create_channel().await?;
             let declared = self.topology.declare(&channel, &self.workers).await;

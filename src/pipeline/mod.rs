@@ -45,8 +45,6 @@ use crate::workers::{Prepared, Worker};
 /// How many times an event of a type a worker here reacts to, found with no worker queue
 /// bound for it, is sent through the events exchange again before it is dead-lettered.
 const RESENDS: u32 = 3;
-/// How long after it came an event found with no worker queue for its type is sent again.
-const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything a delivery needs, shared by all tasks.
 pub struct Pipeline {
@@ -126,8 +124,9 @@ impl Pipeline {
     /// - Of a type no worker of this replica (`served`) reacts to, it is acked and counted as
     ///   skipped (`no_worker`): an install that runs only some workers does not want it.
     /// - Of a type a worker here reacts to, that worker's queue was missing when it was
-    ///   published (deleted, and not yet declared again): the topology is declared again and
-    ///   the event sent through the events exchange again, up to `RESENDS` times.
+    ///   published (deleted, and not yet declared again): the topology is declared again (a
+    ///   second later, `TopologyKeeper::restore`) and the event sent through the events
+    ///   exchange again, up to `RESENDS` times.
     /// - Otherwise (a routing key that names no event type, a helpdesk's mistake, or resends
     ///   spent) it is dead-lettered, unchanged, as `unroutable`, with no worker; `dead-letters
     ///   replay` sends one of a known type back through the events exchange.
@@ -162,13 +161,8 @@ impl Pipeline {
                 resent,
                 "an event found no worker queue for its type; declaring the topology again and sending it again"
             );
-            // Not at once: RabbitMQ 3.10 tells a deleted quorum queue's consumers ≈30 ms after
-            // the delete, and a queue declared again before that keeps them attached to
-            // nothing (no cancel, no deliveries; checked). The consumers re-attach by
-            // themselves a second after they are told.
-            if !crate::sleep_unless_stopped(RESEND_AFTER, &self.abandon).await {
-                return;
-            }
+            // The restore waits a second before it declares (the queue may have been deleted
+            // just now); by then the consumers told of the delete have re-attached or will.
             self.keeper.restore().await;
             metrics::counter!(m::EVENTS_RESENT).increment(1);
             self.resend(&delivery, resent + 1).await;
