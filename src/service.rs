@@ -254,16 +254,13 @@ pub async fn run(
             move |delivery| pipeline.clone().handle(worker.clone(), delivery),
         );
     }
-    // Events no worker queue took: rare, and each only dead-lettered, so a small window.
+    // Events no worker queue took: rare, and each handled alone, so a small window.
     let unrouted = pipeline.clone();
-    let mut served: Vec<_> = catalog
-        .all()
-        .iter()
-        .flat_map(|w| w.events().to_vec())
+    // The event types some worker of this replica reacts to.
+    let served: Arc<[_]> = crate::events::EventType::ALL
+        .into_iter()
+        .filter(|kind| catalog.all().iter().any(|worker| worker.handles(*kind)))
         .collect();
-    served.sort_by_key(|kind| kind.as_str());
-    served.dedup();
-    let served: Arc<[_]> = served.into();
     attach.spawn(
         &consumers,
         topology.unrouted_events(),

@@ -274,92 +274,52 @@ impl Topology {
             durable: true,
             ..Default::default()
         };
-        let exchange = |name: String| -> ShortString { name.into() };
-        channel
-            .exchange_declare(
-                exchange(self.events_exchange()),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                exchange(self.unrouted_results()),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                exchange(self.unrouted_events()),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
         let mut results_args = FieldTable::default();
         results_args.insert("alternate-exchange".into(), long(&self.unrouted_results()));
-        channel
-            .exchange_declare(
-                exchange(self.results_exchange()),
-                ExchangeKind::Topic,
-                durable,
-                results_args,
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                exchange(self.dead_letter_exchange()),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        let mut plain_quorum = FieldTable::default();
-        plain_quorum.insert("x-queue-type".into(), long("quorum"));
-        for queue in [self.dead_letter_queue(), self.unrouted_results()] {
+        let none = FieldTable::default;
+        // The results' alternate exchange before the results exchange that names it.
+        let exchanges = [
+            (self.events_exchange(), ExchangeKind::Topic, none()),
+            (self.unrouted_results(), ExchangeKind::Fanout, none()),
+            (self.unrouted_events(), ExchangeKind::Fanout, none()),
+            (self.results_exchange(), ExchangeKind::Topic, results_args),
+            (self.dead_letter_exchange(), ExchangeKind::Topic, none()),
+        ];
+        for (name, kind, args) in exchanges {
             channel
-                .queue_declare(queue.clone().into(), durable_queue, plain_quorum.clone())
+                .exchange_declare(ShortString::from(name), kind, durable, args)
                 .await?;
         }
-        channel
-            .queue_bind(
-                self.dead_letter_queue().into(),
-                self.dead_letter_exchange().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.unrouted_results().into(),
-                self.unrouted_results().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        // Like a worker's queue: should dead-lettering one fail again and again, the broker
-        // gives it up to the dead-letter exchange itself.
-        channel
-            .queue_declare(
-                self.unrouted_events().into(),
-                durable_queue,
-                self.limited_quorum_args(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.unrouted_events().into(),
-                self.unrouted_events().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut plain_quorum = FieldTable::default();
+        plain_quorum.insert("x-queue-type".into(), long("quorum"));
+        // The unrouted events' queue is consumed, like a worker's: should dead-lettering one
+        // fail again and again, the broker gives it up to the dead-letter exchange itself.
+        let queues = [
+            (self.dead_letter_queue(), plain_quorum.clone()),
+            (self.unrouted_results(), plain_quorum),
+            (self.unrouted_events(), self.limited_quorum_args()),
+        ];
+        for (queue, args) in queues {
+            channel
+                .queue_declare(queue.into(), durable_queue, args)
+                .await?;
+        }
+        let bindings = [
+            (self.dead_letter_queue(), self.dead_letter_exchange(), "#"),
+            (self.unrouted_results(), self.unrouted_results(), ""),
+            (self.unrouted_events(), self.unrouted_events(), ""),
+        ];
+        for (queue, exchange, routing_key) in bindings {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.into(),
+                    routing_key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         for worker in workers {
             self.declare_worker(channel, worker, durable_queue).await?;
         }

@@ -317,16 +317,16 @@ impl Replayer {
         target: Target<'_>,
     ) -> anyhow::Result<bool> {
         let fresh = match target {
-            Target::Worker(worker) => fresh_id(&self.store, &delivery.data, worker).await?,
+            Target::Worker(worker) => fresh_id(&self.store, &delivery.data, worker)
+                .await?
+                .map(|fresh| (worker, fresh)),
             Target::Events(_) => None, // it never ran
         };
         let body = match &fresh {
-            Some(fresh) => {
+            Some((worker, fresh)) => {
                 println!(
-                    "{} was decided as failed by {}: replayed as {}",
-                    fresh.original,
-                    letter.worker.as_deref().unwrap_or("?"),
-                    fresh.id
+                    "{} was decided as failed by {worker}: replayed as {}",
+                    fresh.original, fresh.id
                 );
                 fresh.body.as_slice()
             }

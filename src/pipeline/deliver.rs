@@ -315,15 +315,9 @@ pub(super) fn turn_header(delivery: &Delivery) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }
 
-/// Times an event no worker queue took was sent again (`RESENT_HEADER`).
-pub(super) fn resent_header(delivery: &Delivery) -> u32 {
-    let value = int_header(delivery, RESENT_HEADER).unwrap_or(0);
-    u32::try_from(value).unwrap_or(0)
-}
-
-/// Attempts spent before the event was parked.
-pub(super) fn attempts_header(delivery: &Delivery) -> u32 {
-    let value = int_header(delivery, ATTEMPTS_HEADER).unwrap_or(0);
+/// A count we keep in a header (`ATTEMPTS_HEADER`, `RESENT_HEADER`): 0 when absent.
+pub(super) fn count_header(delivery: &Delivery, name: &str) -> u32 {
+    let value = int_header(delivery, name).unwrap_or(0);
     u32::try_from(value).unwrap_or(0)
 }
 

@@ -153,7 +153,7 @@ impl Pipeline {
             self.ack("", &delivery).await;
             return;
         }
-        let resent = deliver::resent_header(&delivery);
+        let resent = deliver::count_header(&delivery, RESENT_HEADER);
         if kind.is_some() && resent < RESENDS {
             tracing::warn!(
                 routing_key,
@@ -262,7 +262,7 @@ impl Pipeline {
         }
         // The org's gate comes first: an event deferred here costs no prompt and no ledger
         // statement (a backlog of one org can be deferred many times over).
-        let attempts_before = deliver::attempts_header(delivery);
+        let attempts_before = deliver::count_header(delivery, ATTEMPTS_HEADER);
         let cap = config.max_concurrency;
         let mut permit = self
             .through_gate(worker, delivery, org_id, cap, attempts_before)
