@@ -39,6 +39,7 @@ pub const TOKENS: &str = "copilot_tokens_total";
 pub const CONFIG_CACHE_HITS: &str = "copilot_config_cache_hits_total";
 pub const CONFIG_CACHE_MISSES: &str = "copilot_config_cache_misses_total";
 pub const CONFIG_CACHE_INVALIDATIONS: &str = "copilot_config_cache_invalidations_total";
+pub const CONFIG_LISTENER_UP: &str = "copilot_config_listener_up";
 pub const ORG_CONFIGS: &str = "copilot_org_configs";
 pub const ORG_CONFIGS_UNHEALTHY: &str = "copilot_org_configs_unhealthy";
 
@@ -122,6 +123,10 @@ fn describe() {
     describe_counter!(
         CONFIG_CACHE_INVALIDATIONS,
         "Cache entries dropped because Postgres announced a config change."
+    );
+    describe_gauge!(
+        CONFIG_LISTENER_UP,
+        "1 while the config cache's listener hears Postgres' change notifications (the cache is in use); 0 while every lookup goes to Postgres."
     );
     describe_gauge!(
         ORG_CONFIGS,

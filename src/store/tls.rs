@@ -8,6 +8,7 @@
 //! TLS failure, and an unverified TLS session protects nothing against the attacker it is for.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig};
 use futures_util::StreamExt as _;
@@ -34,19 +35,27 @@ pub(crate) type Messages = mpsc::UnboundedReceiver<Result<AsyncMessage, tokio_po
 
 impl Target {
     /// Reads a database URL (or libpq key=value settings). `sslrootcert` and the `verify-*`
-    /// modes are understood here, since tokio-postgres does not know them. Connections are
-    /// named `copilot-workers` unless the URL gives an `application_name`.
+    /// modes are understood here, since tokio-postgres does not know them, and
+    /// `tcp_user_timeout` is read in milliseconds, as libpq reads it (tokio-postgres would
+    /// read seconds). Connections are named `copilot-workers` unless the URL gives an
+    /// `application_name`, and find out a dead peer the way [`dead_peer_defaults`] says
+    /// unless the URL sets those settings itself.
     pub fn parse(database_url: &str) -> Result<Target, StoreError> {
-        let (url, root_file) = libpq_extras(database_url)?;
-        let mut config: tokio_postgres::Config = url
+        let extras = libpq_extras(database_url)?;
+        let mut config: tokio_postgres::Config = extras
+            .url
             .parse()
             .map_err(|err: tokio_postgres::Error| StoreError::Url(err.to_string()))?;
         // Every connection shows in `pg_stat_activity` as ours, unless the URL names it.
         if config.get_application_name().is_none() {
             config.application_name("copilot-workers");
         }
+        dead_peer_defaults(&mut config, &extras.named);
+        if let Some(timeout) = extras.user_timeout {
+            config.tcp_user_timeout(timeout);
+        }
         let tls = match config.get_ssl_mode() {
-            SslMode::Require => Some(verifying_connector(root_file)?),
+            SslMode::Require => Some(verifying_connector(extras.root_file)?),
             _ => None,
         };
         Ok(Target { config, tls })
@@ -107,36 +116,108 @@ where
     (messages, driver)
 }
 
-/// The URL without what only libpq knows, and the `sslrootcert` file: `verify-ca` and
-/// `verify-full` become `require` (which verifies here anyway). Key=value settings and URLs
-/// without a query pass unchanged.
-fn libpq_extras(database_url: &str) -> Result<(String, Option<PathBuf>), StoreError> {
+/// How long a connection may go unheard before the kernel gives it up, unless the URL says
+/// otherwise (the operating system's defaults wait two hours before the first keepalive, and
+/// about fifteen minutes for unacknowledged data). A Postgres host that vanished (a failover, a
+/// network partition, a NAT that forgot the flow) sends no reset: without these, a statement
+/// sent to it would wait a quarter of an hour, and an idle pooled connection to it would be
+/// handed out as if alive.
+/// - `keepalives_idle` 30 s, `keepalives_interval` 10 s, `keepalives_retries` 3: an idle
+///   connection to a vanished host is closed within about a minute;
+/// - `tcp_user_timeout` 30 s: data the server has not acknowledged for 30 s closes the
+///   connection (a long statement sends nothing unacknowledged: it is not cut short).
+fn dead_peer_defaults(config: &mut tokio_postgres::Config, named: &[String]) {
+    let unnamed = |setting: &str| !named.iter().any(|name| name == setting);
+    if unnamed("keepalives_idle") {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if unnamed("keepalives_interval") {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if unnamed("keepalives_retries") {
+        config.keepalives_retries(3);
+    }
+    if unnamed("tcp_user_timeout") {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+}
+
+/// What [`Target::parse`] reads itself before tokio-postgres reads the rest.
+#[derive(Debug, PartialEq)]
+struct Extras {
+    /// The settings without what only libpq knows.
+    url: String,
+    /// `sslrootcert`.
+    root_file: Option<PathBuf>,
+    /// `tcp_user_timeout`, in milliseconds as libpq reads it.
+    user_timeout: Option<Duration>,
+    /// The names of every setting given.
+    named: Vec<String>,
+}
+
+/// The URL without what only libpq knows, and the settings read here: `verify-ca` and
+/// `verify-full` become `require` (which verifies here anyway). Key=value settings pass
+/// unchanged but for a `tcp_user_timeout`, which tokio-postgres would read in seconds and
+/// which is then read here too (and set after it).
+fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
+    let millis = |value: &str| {
+        value
+            .trim_matches('\'')
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| {
+                StoreError::Url(format!(
+                    "tcp_user_timeout {value:?} is not a number of milliseconds"
+                ))
+            })
+    };
     let is_url =
         database_url.starts_with("postgres://") || database_url.starts_with("postgresql://");
-    if !is_url || !database_url.contains('?') {
-        return Ok((database_url.to_owned(), None));
+    if !is_url {
+        let mut extras = Extras {
+            url: database_url.to_owned(),
+            root_file: None,
+            user_timeout: None,
+            named: Vec::new(),
+        };
+        for (name, value) in database_url
+            .split_whitespace()
+            .filter_map(|setting| setting.split_once('='))
+        {
+            let name = name.trim();
+            if name == "tcp_user_timeout" {
+                extras.user_timeout = Some(millis(value.trim())?);
+            }
+            extras.named.push(name.to_owned());
+        }
+        return Ok(extras);
     }
     let mut url = url::Url::parse(database_url).map_err(|err| StoreError::Url(err.to_string()))?;
-    let mut root_file = None;
-    let pairs: Vec<(String, String)> = url
-        .query_pairs()
-        .filter_map(|(key, value)| match key.as_ref() {
-            "sslrootcert" => {
-                root_file = Some(PathBuf::from(value.as_ref()));
-                None
-            }
+    let mut extras = Extras {
+        url: String::new(),
+        root_file: None,
+        user_timeout: None,
+        named: Vec::new(),
+    };
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (key, value) in url.query_pairs() {
+        extras.named.push(key.clone().into_owned());
+        match key.as_ref() {
+            "sslrootcert" => extras.root_file = Some(PathBuf::from(value.as_ref())),
+            "tcp_user_timeout" => extras.user_timeout = Some(millis(&value)?),
             "sslmode" if value == "verify-ca" || value == "verify-full" => {
-                Some((key.into_owned(), "require".to_owned()))
+                pairs.push((key.into_owned(), "require".to_owned()));
             }
-            _ => Some((key.into_owned(), value.into_owned())),
-        })
-        .collect();
+            _ => pairs.push((key.into_owned(), value.into_owned())),
+        }
+    }
     if pairs.is_empty() {
         url.set_query(None);
     } else {
         url.query_pairs_mut().clear().extend_pairs(pairs);
     }
-    Ok((url.to_string(), root_file))
+    extras.url = url.to_string();
+    Ok(extras)
 }
 
 /// A TLS connector that verifies the server against the system's roots and `root_file`.
@@ -171,19 +252,77 @@ mod tests {
 
     #[test]
     fn libpq_only_settings_are_taken_out_of_the_url() {
-        let (url, root) = libpq_extras(
-            "postgres://app:p%40ss@db.example:5432/copilot?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+        let extras = libpq_extras(
+            "postgres://app:p%40ss@db.example:5432/copilot?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x&tcp_user_timeout=2500",
         )
         .unwrap();
         assert_eq!(
-            url,
+            extras.url,
             "postgres://app:p%40ss@db.example:5432/copilot?sslmode=require&application_name=x"
         );
-        assert_eq!(root, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(extras.root_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(extras.user_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(
+            extras.named,
+            [
+                "sslmode",
+                "sslrootcert",
+                "application_name",
+                "tcp_user_timeout"
+            ]
+        );
         let plain = "host=db user=app sslmode=disable";
-        assert_eq!(libpq_extras(plain).unwrap(), (plain.to_owned(), None));
-        let (url, _) = libpq_extras("postgres://db/copilot?sslrootcert=ca.pem").unwrap();
-        assert_eq!(url, "postgres://db/copilot");
+        let extras = libpq_extras(plain).unwrap();
+        assert_eq!(extras.url, plain);
+        assert_eq!(extras.named, ["host", "user", "sslmode"]);
+        let extras = libpq_extras("postgres://db/copilot?sslrootcert=ca.pem").unwrap();
+        assert_eq!(extras.url, "postgres://db/copilot");
+        assert!(matches!(
+            libpq_extras("postgres://db/copilot?tcp_user_timeout=soon"),
+            Err(StoreError::Url(text)) if text.contains("milliseconds")
+        ));
+    }
+
+    /// A connection to a host that vanished is given up in about a minute, not two hours,
+    /// unless the URL says otherwise; `tcp_user_timeout` is in milliseconds, as for libpq,
+    /// in both forms.
+    #[test]
+    fn a_vanished_server_is_found_out_unless_the_url_says_otherwise() {
+        let config = Target::parse("postgres://db/x").unwrap().config;
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+
+        let own = Target::parse(
+            "postgres://db/x?keepalives_idle=600&keepalives_interval=60&keepalives_retries=9&tcp_user_timeout=120000",
+        )
+        .unwrap()
+        .config;
+        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(600));
+        assert_eq!(own.get_keepalives_interval(), Some(Duration::from_secs(60)));
+        assert_eq!(own.get_keepalives_retries(), Some(9));
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(120)));
+
+        let pairs = Target::parse("host=db dbname=x tcp_user_timeout=1500 keepalives_idle=5")
+            .unwrap()
+            .config;
+        assert_eq!(
+            pairs.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(1500))
+        );
+        assert_eq!(pairs.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(
+            pairs.get_keepalives_interval(),
+            Some(Duration::from_secs(10))
+        );
     }
 
     /// The local server's certificate file and the DNS name it is issued to (Debian's

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, header_exists, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+use crate::proxy::SilentProxy;
 use crate::skeleton::provider_for;
 use crate::support::{Harness, Options, completion, org_config, summary_output, ticket_event};
 
@@ -210,6 +211,77 @@ async fn removing_or_disabling_a_config_stops_requests_at_once() {
     assert!(h.store.set_provider_enabled("org_b", true).await.unwrap());
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.publish(&ticket_event("evt_org_b_3", "org_b", "ticket.created"))
+        .await;
+    h.results(1, WAIT).await;
+    h.finish().await;
+}
+
+/// A NAT or a firewall that forgets an idle flow drops its packets without a reset, and the
+/// config listener only ever reads: it would wait for ever for notifications that no longer
+/// come, and a disabled org's cached config would stay in use. It checks its connection every
+/// second, so the cache is not trusted once `TRUSTED_FOR` has passed without an answer, and a
+/// new connection listens again once the silent one is given up (`PROBE_TIMEOUT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_reaches_a_worker_whose_listener_connection_fell_silent() {
+    use copilot_workers::store::cache::{PROBE_TIMEOUT, TRUSTED_FOR};
+    let listener_up = "copilot_config_listener_up";
+    let invalidations = "copilot_config_cache_invalidations_total";
+    let proxy = SilentProxy::start(b"LISTEN").await;
+    let mut h = Harness::with(Options {
+        database_port: Some(proxy.port),
+        ..Options::default()
+    })
+    .await;
+    let provider = provider_for(KEY, &summary_output("live")).await;
+    let url = format!("{}/v1", provider.uri());
+    h.eventually(WAIT, "the listener", || async {
+        h.counter(listener_up).await == 1.0
+    })
+    .await;
+    h.set_org("org_a", &url, KEY).await;
+    // Its notification, which a loaded machine may deliver late, is heard before the silence.
+    h.eventually(WAIT, "the new config's notification", || async {
+        h.counter(invalidations).await == 1.0
+    })
+    .await;
+    h.publish(&ticket_event("evt_silent_1", "org_a", "ticket.created"))
+        .await;
+    h.results(1, WAIT).await; // the config is now cached
+
+    assert_eq!(proxy.silence(), 1, "one listener connection");
+    let heard = h.counter(invalidations).await;
+    assert!(h.store.set_provider_enabled("org_a", false).await.unwrap());
+    tokio::time::sleep(TRUSTED_FOR + Duration::from_millis(500)).await;
+    assert_eq!(
+        h.counter(invalidations).await,
+        heard,
+        "the notification must not have got through the silent connection"
+    );
+    h.publish(&ticket_event("evt_silent_2", "org_a", "ticket.created"))
+        .await;
+    let disabled = "copilot_events_skipped_total{worker=\"summarize\",reason=\"disabled\"}";
+    h.eventually(WAIT, "the disabled skip", || async {
+        h.counter(disabled).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        provider.received_requests().await.unwrap().len(),
+        1,
+        "no request with the cached config after it was disabled"
+    );
+
+    // The silent connection is given up, and a new one hears the next change.
+    tokio::time::sleep(PROBE_TIMEOUT).await;
+    h.eventually(WAIT, "the listener again", || async {
+        h.counter(listener_up).await == 1.0
+    })
+    .await;
+    assert!(h.store.set_provider_enabled("org_a", true).await.unwrap());
+    h.eventually(WAIT, "the change heard", || async {
+        h.counter(invalidations).await > heard
+    })
+    .await;
+    h.publish(&ticket_event("evt_silent_3", "org_a", "ticket.created"))
         .await;
     h.results(1, WAIT).await;
     h.finish().await;

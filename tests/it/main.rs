@@ -6,6 +6,7 @@ mod dead_letters;
 mod faults;
 mod leak;
 mod ops;
+mod proxy;
 mod replicas;
 mod skeleton;
 mod support;

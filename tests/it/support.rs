@@ -60,6 +60,9 @@ pub struct Options {
     pub prefetch: u16,
     pub provider_timeout_secs: u64,
     pub dead_letter_failures: bool,
+    /// The service reaches Postgres through this local port (a test's proxy); the harness
+    /// itself connects directly.
+    pub database_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -78,6 +81,7 @@ impl Default for Options {
             prefetch: 50,
             provider_timeout_secs: 5,
             dead_letter_failures: false,
+            database_port: None,
         }
     }
 }
@@ -142,6 +146,9 @@ impl Harness {
             .await
             .expect("migrate test database");
         let store = Store::connect(&settings.database_url, 4).unwrap();
+        if let Some(port) = options.database_port {
+            settings.database_url = format!("postgres://postgres@127.0.0.1:{port}/{database}");
+        }
         let master_key = base64::engine::general_purpose::STANDARD.encode(rand_bytes());
         let keys = match &options.keys {
             Some(keys) => keys.clone(),
