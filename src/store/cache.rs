@@ -8,13 +8,15 @@
 //! generation counter keeps a read that raced with a notification from putting a stale value
 //! back.
 //!
-//! A connection can die without a word: a NAT or a firewall that forgets an idle flow drops
-//! its packets and sends no reset, and a listener only ever reads, so it would wait for the
-//! next notification for ever while a revoked key stayed in use. The listener therefore asks
-//! the server a trivial question every [`PROBE_EVERY`]; the cache is trusted for
-//! [`TRUSTED_FOR`] after the last question that was answered was sent, and a question left
-//! unanswered for [`PROBE_TIMEOUT`] ends the connection, to be opened again. The questions
-//! also keep the flow from looking idle.
+//! Notifications can stop coming without a word. A NAT or a firewall that forgets an idle
+//! flow drops its packets and sends no reset, and a listener only ever reads, so it would wait
+//! for ever; a transaction-mode PgBouncer accepts `LISTEN` and passes nothing on. Either way
+//! a revoked key would stay in use. So the listener sends itself a notification every
+//! [`PROBE_EVERY`], on a channel of its own, and waits for it to come back. Postgres delivers
+//! a session's notifications in commit order, so once a check is back every change committed
+//! before it was sent has been evicted: the cache is trusted for [`TRUSTED_FOR`] after the
+//! last check that came back was sent. A check not back within [`PROBE_TIMEOUT`] ends the
+//! connection, to be opened again. The checks also keep the flow from looking idle.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,13 +34,13 @@ use crate::telemetry as m;
 /// The notification channel the trigger uses.
 pub const CHANNEL: &str = "copilot_provider_configs";
 
-/// How often the listener checks that its connection still carries what the server sends.
+/// How often the listener sends itself a notification to see that notifications still come.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// How long after an answered check was sent the cache is trusted: a notification lost in a
-/// connection that died in silence leaves a stale entry in use for at most this long.
+/// How long after a check that came back was sent the cache is trusted: a notification lost
+/// in a connection that died in silence leaves a stale entry in use for at most this long.
 pub const TRUSTED_FOR: Duration = Duration::from_secs(2);
-/// A check unanswered this long ends the listener's connection (a slow server only makes the
-/// cache untrusted for a while; a dead connection is given up).
+/// A check not back after this long ends the listener's connection (a slow server only makes
+/// the cache untrusted for a while; a deaf connection is given up).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Entries = HashMap<String, Option<Arc<ProviderConfig>>>;
@@ -79,8 +81,8 @@ impl ConfigCache {
         u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Trusts the cache until [`TRUSTED_FOR`] after `heard`, when the server was last known
-    /// to hear the listener and answer it (never moving the limit back).
+    /// Trusts the cache until [`TRUSTED_FOR`] after `heard`, when a check that came back was
+    /// sent (never moving the limit back).
     fn heard(&self, heard: Instant) {
         self.trusted_until
             .fetch_max(self.millis(heard + TRUSTED_FOR), Ordering::SeqCst);
@@ -137,90 +139,131 @@ impl ConfigCache {
 enum Ended {
     Shutdown,
     Lost(Option<tokio_postgres::Error>),
-    Silent,
-    ProbeFailed(tokio_postgres::Error),
+    /// A check's own notification did not come back in time.
+    Deaf,
+    CheckFailed(tokio_postgres::Error),
 }
 
-/// Keeps a dedicated connection listening; reconnects with backoff when it drops or stops
-/// answering.
+/// Keeps a dedicated connection listening; reconnects with backoff when it drops or no longer
+/// hears its own checks.
 async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
     let mut waits = crate::provider::retry::outage_backoff();
+    // Set after a failure was logged at warn, so that a listener that keeps failing (behind a
+    // transaction-mode PgBouncer, say) warns once, and says so when it hears again.
+    let mut warned = false;
     while !shutdown.is_cancelled() {
-        match cache.store.target().connect().await {
+        let ended = match cache.store.target().connect().await {
             Ok((client, mut notifications, driver)) => {
-                let asked = Instant::now();
-                if let Err(err) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                    tracing::warn!(error = %err, "cannot LISTEN for config changes");
-                } else {
-                    // Anything cached before this point may have missed a notification.
-                    cache.clear();
-                    cache.heard(asked);
-                    metrics::gauge!(m::CONFIG_LISTENER_UP).set(1.0);
-                    waits = crate::provider::retry::outage_backoff();
-                    tracing::debug!("listening for provider config changes");
-                    let hear = async {
-                        loop {
-                            match notifications.recv().await {
-                                Some(Ok(AsyncMessage::Notification(note))) => {
-                                    cache.evict(note.payload());
+                let ended = match subscribe(&client).await {
+                    Err(err) => Ended::CheckFailed(err),
+                    Ok(echo_channel) => {
+                        // Anything cached before this point may have missed a notification.
+                        cache.clear();
+                        let (echoed, mut echoes) = tokio::sync::watch::channel(0_u64);
+                        let hear = async {
+                            loop {
+                                match notifications.recv().await {
+                                    Some(Ok(AsyncMessage::Notification(note))) => {
+                                        if note.channel() == echo_channel {
+                                            let seq = note.payload().parse().unwrap_or(0);
+                                            echoed.send_replace(seq);
+                                        } else {
+                                            cache.evict(note.payload());
+                                        }
+                                    }
+                                    Some(Ok(_)) => {}
+                                    Some(Err(err)) => return Ended::Lost(Some(err)),
+                                    None => return Ended::Lost(None),
                                 }
-                                Some(Ok(_)) => {}
-                                Some(Err(err)) => return Ended::Lost(Some(err)),
-                                None => return Ended::Lost(None),
                             }
-                        }
-                    };
-                    let probe = async {
-                        let mut ticks = tokio::time::interval(PROBE_EVERY);
-                        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        loop {
-                            ticks.tick().await;
-                            let asked = Instant::now();
-                            match tokio::time::timeout(
-                                PROBE_TIMEOUT,
-                                client.simple_query("SELECT 1"),
-                            )
-                            .await
-                            {
-                                Ok(Ok(_)) => cache.heard(asked),
-                                Ok(Err(err)) => return Ended::ProbeFailed(err),
-                                Err(_) => return Ended::Silent,
+                        };
+                        let check = async {
+                            let mut ticks = tokio::time::interval(PROBE_EVERY);
+                            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            for seq in 1_u64.. {
+                                ticks.tick().await;
+                                let asked = Instant::now();
+                                let notify = format!("SELECT pg_notify('{echo_channel}', '{seq}')");
+                                let heard = async {
+                                    client.simple_query(&notify).await?;
+                                    // The watch only ever holds the latest sequence number.
+                                    let _ = echoes.wait_for(|echo| *echo >= seq).await;
+                                    Ok::<_, tokio_postgres::Error>(())
+                                };
+                                match tokio::time::timeout(PROBE_TIMEOUT, heard).await {
+                                    Ok(Ok(())) => {
+                                        cache.heard(asked);
+                                        if seq == 1 {
+                                            metrics::gauge!(m::CONFIG_LISTENER_UP).set(1.0);
+                                            waits = crate::provider::retry::outage_backoff();
+                                            if std::mem::take(&mut warned) {
+                                                tracing::info!(
+                                                    "config listener hears Postgres again; \
+                                                     the config cache is in use"
+                                                );
+                                            }
+                                        }
+                                    }
+                                    Ok(Err(err)) => return Ended::CheckFailed(err),
+                                    Err(_) => return Ended::Deaf,
+                                }
                             }
+                            Ended::Deaf
+                        };
+                        tokio::select! {
+                            () = shutdown.cancelled() => Ended::Shutdown,
+                            ended = hear => ended,
+                            ended = check => ended,
                         }
-                    };
-                    let ended = tokio::select! {
-                        () = shutdown.cancelled() => Ended::Shutdown,
-                        ended = hear => ended,
-                        ended = probe => ended,
-                    };
-                    match ended {
-                        Ended::Shutdown => {}
-                        Ended::Lost(err) => tracing::warn!(
-                            error = err.map(|err| err.to_string()),
-                            "config listener lost its connection; configs are read from \
-                             Postgres until it is back"
-                        ),
-                        Ended::ProbeFailed(err) => tracing::warn!(
-                            error = %err,
-                            "config listener's connection failed a check; configs are read \
-                             from Postgres until it is back"
-                        ),
-                        Ended::Silent => tracing::warn!(
-                            timeout_secs = PROBE_TIMEOUT.as_secs(),
-                            "config listener's connection stopped answering; configs are \
-                             read from Postgres until a new one listens"
-                        ),
                     }
-                }
+                };
                 cache.deaf();
                 drop(client);
                 driver.abort();
+                ended
             }
-            Err(err) => tracing::warn!(error = %err, "config listener cannot connect"),
+            Err(err) => Ended::Lost(match err {
+                StoreError::Query(err) => Some(err),
+                _ => None,
+            }),
+        };
+        let why = match ended {
+            Ended::Shutdown => return,
+            Ended::Lost(Some(err)) | Ended::CheckFailed(err) => err.to_string(),
+            Ended::Lost(None) => "the connection ended".to_owned(),
+            Ended::Deaf => format!(
+                "its own notification did not come back within {} s (a silent connection, or \
+                 a transaction-mode PgBouncer, which does not pass notifications on)",
+                PROBE_TIMEOUT.as_secs()
+            ),
+        };
+        if warned {
+            tracing::debug!(error = %why, "config listener still cannot hear Postgres");
+        } else {
+            tracing::warn!(
+                error = %why,
+                "config listener cannot hear Postgres; configs are read from Postgres for \
+                 every event until it can"
+            );
+            warned = true;
         }
         let wait = waits.next().unwrap_or(Duration::from_secs(5));
         if !crate::sleep_unless_stopped(wait, &shutdown).await {
             return;
         }
     }
+}
+
+/// Listens for config changes and for the connection's own checks, on a channel named after
+/// the server process (unique on the server while the session lasts); returns that channel.
+async fn subscribe(client: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let echo_channel = format!("copilot_config_check_{pid}");
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {echo_channel}"))
+        .await?;
+    Ok(echo_channel)
 }

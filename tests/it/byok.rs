@@ -218,11 +218,24 @@ async fn removing_or_disabling_a_config_stops_requests_at_once() {
 
 /// A NAT or a firewall that forgets an idle flow drops its packets without a reset, and the
 /// config listener only ever reads: it would wait for ever for notifications that no longer
-/// come, and a disabled org's cached config would stay in use. It checks its connection every
-/// second, so the cache is not trusted once `TRUSTED_FOR` has passed without an answer, and a
-/// new connection listens again once the silent one is given up (`PROBE_TIMEOUT`).
+/// come, and a disabled org's cached config would stay in use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_change_reaches_a_worker_whose_listener_connection_fell_silent() {
+    a_config_change_reaches_a_worker_whose_listener(SilentProxy::silence).await;
+}
+
+/// A transaction-mode PgBouncer accepts `LISTEN`, answers every query, and passes no
+/// notification on: a listener that only checked its connection would trust a stale cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_reaches_a_worker_whose_listener_hears_no_notifications() {
+    a_config_change_reaches_a_worker_whose_listener(SilentProxy::deafen).await;
+}
+
+/// The listener sends itself a notification every second: once `TRUSTED_FOR` has passed
+/// without one coming back, the cache is not trusted, and a new connection listens once the
+/// failing one is given up (`PROBE_TIMEOUT`). `cut` makes the listener's connection (the one
+/// that sent `LISTEN`) fail.
+async fn a_config_change_reaches_a_worker_whose_listener(cut: fn(&SilentProxy) -> usize) {
     use copilot_workers::store::cache::{PROBE_TIMEOUT, TRUSTED_FOR};
     let listener_up = "copilot_config_listener_up";
     let invalidations = "copilot_config_cache_invalidations_total";
@@ -239,25 +252,25 @@ async fn a_config_change_reaches_a_worker_whose_listener_connection_fell_silent(
     })
     .await;
     h.set_org("org_a", &url, KEY).await;
-    // Its notification, which a loaded machine may deliver late, is heard before the silence.
+    // Its notification, which a loaded machine may deliver late, is heard before the cut.
     h.eventually(WAIT, "the new config's notification", || async {
         h.counter(invalidations).await == 1.0
     })
     .await;
-    h.publish(&ticket_event("evt_silent_1", "org_a", "ticket.created"))
+    h.publish(&ticket_event("evt_cut_1", "org_a", "ticket.created"))
         .await;
     h.results(1, WAIT).await; // the config is now cached
 
-    assert_eq!(proxy.silence(), 1, "one listener connection");
+    assert_eq!(cut(&proxy), 1, "one listener connection");
     let heard = h.counter(invalidations).await;
     assert!(h.store.set_provider_enabled("org_a", false).await.unwrap());
     tokio::time::sleep(TRUSTED_FOR + Duration::from_millis(500)).await;
     assert_eq!(
         h.counter(invalidations).await,
         heard,
-        "the notification must not have got through the silent connection"
+        "the notification must not have got through"
     );
-    h.publish(&ticket_event("evt_silent_2", "org_a", "ticket.created"))
+    h.publish(&ticket_event("evt_cut_2", "org_a", "ticket.created"))
         .await;
     let disabled = "copilot_events_skipped_total{worker=\"summarize\",reason=\"disabled\"}";
     h.eventually(WAIT, "the disabled skip", || async {
@@ -270,7 +283,7 @@ async fn a_config_change_reaches_a_worker_whose_listener_connection_fell_silent(
         "no request with the cached config after it was disabled"
     );
 
-    // The silent connection is given up, and a new one hears the next change.
+    // The failing connection is given up, and a new one hears the next change.
     tokio::time::sleep(PROBE_TIMEOUT).await;
     h.eventually(WAIT, "the listener again", || async {
         h.counter(listener_up).await == 1.0
@@ -281,7 +294,7 @@ async fn a_config_change_reaches_a_worker_whose_listener_connection_fell_silent(
         h.counter(invalidations).await > heard
     })
     .await;
-    h.publish(&ticket_event("evt_silent_3", "org_a", "ticket.created"))
+    h.publish(&ticket_event("evt_cut_3", "org_a", "ticket.created"))
         .await;
     h.results(1, WAIT).await;
     h.finish().await;
