@@ -21,13 +21,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::AsyncMessage;
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::configs::ProviderConfig;
+use super::tls::Messages;
 use super::{Store, StoreError};
 use crate::telemetry as m;
 
@@ -55,6 +56,8 @@ pub struct ConfigCache {
     /// Milliseconds after `epoch` until which the listener is known to hear the server; 0 while
     /// it is not listening.
     trusted_until: AtomicU64,
+    /// Whether a check came back on the listener's current connection.
+    was_heard: AtomicBool,
 }
 
 impl ConfigCache {
@@ -66,6 +69,7 @@ impl ConfigCache {
             generation: AtomicU64::new(0),
             epoch: Instant::now(),
             trusted_until: AtomicU64::new(0),
+            was_heard: AtomicBool::new(false),
         });
         metrics::gauge!(m::CONFIG_LISTENER_UP).set(0.0);
         tokio::spawn(listen(cache.clone(), shutdown));
@@ -86,6 +90,10 @@ impl ConfigCache {
     fn heard(&self, heard: Instant) {
         self.trusted_until
             .fetch_max(self.millis(heard + TRUSTED_FOR), Ordering::SeqCst);
+        if !self.was_heard.swap(true, Ordering::SeqCst) {
+            metrics::gauge!(m::CONFIG_LISTENER_UP).set(1.0);
+            tracing::info!("config listener hears Postgres; the config cache is in use");
+        }
     }
 
     /// Stops trusting the cache and empties it: the listener is gone.
@@ -138,10 +146,10 @@ impl ConfigCache {
 /// Why a listening connection ended.
 enum Ended {
     Shutdown,
-    Lost(Option<tokio_postgres::Error>),
+    /// The connection failed, or could not be had.
+    Failed(String),
     /// A check's own notification did not come back in time.
     Deaf,
-    CheckFailed(tokio_postgres::Error),
 }
 
 /// Keeps a dedicated connection listening; reconnects with backoff when it drops or no longer
@@ -151,92 +159,33 @@ async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
     // Set after a failure was logged at warn, so that a listener that keeps failing (behind a
     // transaction-mode PgBouncer, say) warns once, and says so when it hears again.
     let mut warned = false;
-    while !shutdown.is_cancelled() {
+    loop {
         let ended = match cache.store.target().connect().await {
-            Ok((client, mut notifications, driver)) => {
-                let ended = match subscribe(&client).await {
-                    Err(err) => Ended::CheckFailed(err),
-                    Ok(echo_channel) => {
-                        // Anything cached before this point may have missed a notification.
-                        cache.clear();
-                        let (echoed, mut echoes) = tokio::sync::watch::channel(0_u64);
-                        let hear = async {
-                            loop {
-                                match notifications.recv().await {
-                                    Some(Ok(AsyncMessage::Notification(note))) => {
-                                        if note.channel() == echo_channel {
-                                            let seq = note.payload().parse().unwrap_or(0);
-                                            echoed.send_replace(seq);
-                                        } else {
-                                            cache.evict(note.payload());
-                                        }
-                                    }
-                                    Some(Ok(_)) => {}
-                                    Some(Err(err)) => return Ended::Lost(Some(err)),
-                                    None => return Ended::Lost(None),
-                                }
-                            }
-                        };
-                        let check = async {
-                            let mut ticks = tokio::time::interval(PROBE_EVERY);
-                            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                            for seq in 1_u64.. {
-                                ticks.tick().await;
-                                let asked = Instant::now();
-                                let notify = format!("SELECT pg_notify('{echo_channel}', '{seq}')");
-                                let heard = async {
-                                    client.simple_query(&notify).await?;
-                                    // The watch only ever holds the latest sequence number.
-                                    let _ = echoes.wait_for(|echo| *echo >= seq).await;
-                                    Ok::<_, tokio_postgres::Error>(())
-                                };
-                                match tokio::time::timeout(PROBE_TIMEOUT, heard).await {
-                                    Ok(Ok(())) => {
-                                        cache.heard(asked);
-                                        if seq == 1 {
-                                            metrics::gauge!(m::CONFIG_LISTENER_UP).set(1.0);
-                                            waits = crate::provider::retry::outage_backoff();
-                                            if std::mem::take(&mut warned) {
-                                                tracing::info!(
-                                                    "config listener hears Postgres again; \
-                                                     the config cache is in use"
-                                                );
-                                            }
-                                        }
-                                    }
-                                    Ok(Err(err)) => return Ended::CheckFailed(err),
-                                    Err(_) => return Ended::Deaf,
-                                }
-                            }
-                            Ended::Deaf
-                        };
-                        tokio::select! {
-                            () = shutdown.cancelled() => Ended::Shutdown,
-                            ended = hear => ended,
-                            ended = check => ended,
-                        }
-                    }
+            Ok((client, notifications, driver)) => {
+                let ended = tokio::select! {
+                    () = shutdown.cancelled() => Ended::Shutdown,
+                    ended = hear(&cache, &client, notifications) => ended,
                 };
                 cache.deaf();
                 drop(client);
                 driver.abort();
                 ended
             }
-            Err(err) => Ended::Lost(match err {
-                StoreError::Query(err) => Some(err),
-                _ => None,
-            }),
+            Err(err) => Ended::Failed(err.to_string()),
         };
         let why = match ended {
             Ended::Shutdown => return,
-            Ended::Lost(Some(err)) | Ended::CheckFailed(err) => err.to_string(),
-            Ended::Lost(None) => "the connection ended".to_owned(),
+            Ended::Failed(why) => why,
             Ended::Deaf => format!(
                 "its own notification did not come back within {} s (a silent connection, or \
                  a transaction-mode PgBouncer, which does not pass notifications on)",
                 PROBE_TIMEOUT.as_secs()
             ),
         };
+        if cache.was_heard.swap(false, Ordering::SeqCst) {
+            waits = crate::provider::retry::outage_backoff();
+            warned = false;
+        }
         if warned {
             tracing::debug!(error = %why, "config listener still cannot hear Postgres");
         } else {
@@ -254,9 +203,60 @@ async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
     }
 }
 
+/// Listens on one connection: evicts what the notifications name, and sends itself a check
+/// every [`PROBE_EVERY`], trusting the cache as the checks come back. Returns when the
+/// connection fails or a check does not come back.
+async fn hear(cache: &ConfigCache, client: &Client, mut notifications: Messages) -> Ended {
+    let echo_channel = match subscribe(client).await {
+        Ok(channel) => channel,
+        Err(err) => return Ended::Failed(err.to_string()),
+    };
+    // Anything cached before this point may have missed a notification.
+    cache.clear();
+    let (echoed, mut echoes) = tokio::sync::watch::channel(0_u64);
+    let evict = async {
+        loop {
+            match notifications.recv().await {
+                Some(Ok(AsyncMessage::Notification(note))) if note.channel() == echo_channel => {
+                    echoed.send_replace(note.payload().parse().unwrap_or(0));
+                }
+                Some(Ok(AsyncMessage::Notification(note))) => cache.evict(note.payload()),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Ended::Failed(err.to_string()),
+                None => return Ended::Failed("the connection ended".to_owned()),
+            }
+        }
+    };
+    let check = async {
+        let mut ticks = tokio::time::interval(PROBE_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for seq in 1_u64.. {
+            ticks.tick().await;
+            let asked = Instant::now();
+            let notify = format!("SELECT pg_notify('{echo_channel}', '{seq}')");
+            let back = async {
+                client.simple_query(&notify).await?;
+                // The watch holds the latest sequence number back (or fails with `evict`).
+                let _ = echoes.wait_for(|echo| *echo >= seq).await;
+                Ok::<_, tokio_postgres::Error>(())
+            };
+            match tokio::time::timeout(PROBE_TIMEOUT, back).await {
+                Ok(Ok(())) => cache.heard(asked),
+                Ok(Err(err)) => return Ended::Failed(err.to_string()),
+                Err(_) => return Ended::Deaf,
+            }
+        }
+        Ended::Deaf
+    };
+    tokio::select! {
+        ended = evict => ended,
+        ended = check => ended,
+    }
+}
+
 /// Listens for config changes and for the connection's own checks, on a channel named after
 /// the server process (unique on the server while the session lasts); returns that channel.
-async fn subscribe(client: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
+async fn subscribe(client: &Client) -> Result<String, tokio_postgres::Error> {
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await?
@@ -266,4 +266,41 @@ async fn subscribe(client: &tokio_postgres::Client) -> Result<String, tokio_post
         .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {echo_channel}"))
         .await?;
     Ok(echo_channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> ConfigCache {
+        ConfigCache {
+            store: Store::connect("postgres://127.0.0.1/unused", 1).unwrap(),
+            entries: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            epoch: Instant::now(),
+            trusted_until: AtomicU64::new(0),
+            was_heard: AtomicBool::new(false),
+        }
+    }
+
+    /// Trust lasts `TRUSTED_FOR` from when the last check that came back was sent, a check
+    /// that comes back late never shortens it, and it ends with the listener.
+    #[tokio::test]
+    async fn the_cache_is_trusted_for_a_while_after_each_check_that_came_back() {
+        let cache = cache();
+        assert!(!cache.is_listening(), "not before a first check");
+        let now = Instant::now();
+        cache.heard(now - TRUSTED_FOR - Duration::from_millis(10));
+        assert!(!cache.is_listening(), "a check sent too long ago");
+        cache.heard(now);
+        assert!(cache.is_listening());
+        cache.heard(now - Duration::from_secs(1));
+        assert_eq!(
+            cache.trusted_until.load(Ordering::SeqCst),
+            cache.millis(now + TRUSTED_FOR),
+            "an older check does not move the limit back"
+        );
+        cache.deaf();
+        assert!(!cache.is_listening());
+    }
 }
