@@ -256,6 +256,8 @@ async fn hear(cache: &ConfigCache, client: &Client, mut notifications: Messages)
 
 /// Listens for config changes and for the connection's own checks, on a channel named after
 /// the server process (unique on the server while the session lasts); returns that channel.
+/// A check is a transaction of its own (a notification is sent at commit): the session does
+/// not wait for its commit to reach the disk, which nothing needs.
 async fn subscribe(client: &Client) -> Result<String, tokio_postgres::Error> {
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
@@ -263,7 +265,9 @@ async fn subscribe(client: &Client) -> Result<String, tokio_postgres::Error> {
         .get(0);
     let echo_channel = format!("copilot_config_check_{pid}");
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {echo_channel}"))
+        .batch_execute(&format!(
+            "SET synchronous_commit = off; LISTEN {CHANNEL}; LISTEN {echo_channel}"
+        ))
         .await?;
     Ok(echo_channel)
 }
