@@ -233,7 +233,12 @@ async fn hear(cache: &ConfigCache, client: &Client, mut notifications: Messages)
         for seq in 1_u64.. {
             ticks.tick().await;
             let asked = Instant::now();
-            let notify = format!("SELECT pg_notify('{echo_channel}', '{seq}')");
+            // One transaction (a simple query's statements share one); the notification is
+            // sent at its commit, which need not wait for the disk. `SET LOCAL`, so that
+            // nothing outlives the check on a pooled server connection.
+            let notify = format!(
+                "SET LOCAL synchronous_commit = off; SELECT pg_notify('{echo_channel}', '{seq}')"
+            );
             let back = async {
                 client.simple_query(&notify).await?;
                 // The watch holds the latest sequence number back (or fails with `evict`).
@@ -256,8 +261,6 @@ async fn hear(cache: &ConfigCache, client: &Client, mut notifications: Messages)
 
 /// Listens for config changes and for the connection's own checks, on a channel named after
 /// the server process (unique on the server while the session lasts); returns that channel.
-/// A check is a transaction of its own (a notification is sent at commit): the session does
-/// not wait for its commit to reach the disk, which nothing needs.
 async fn subscribe(client: &Client) -> Result<String, tokio_postgres::Error> {
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
@@ -265,9 +268,7 @@ async fn subscribe(client: &Client) -> Result<String, tokio_postgres::Error> {
         .get(0);
     let echo_channel = format!("copilot_config_check_{pid}");
     client
-        .batch_execute(&format!(
-            "SET synchronous_commit = off; LISTEN {CHANNEL}; LISTEN {echo_channel}"
-        ))
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {echo_channel}"))
         .await?;
     Ok(echo_channel)
 }
