@@ -156,9 +156,9 @@ struct Extras {
 }
 
 /// The URL without what only libpq knows, and the settings read here: `verify-ca` and
-/// `verify-full` become `require` (which verifies here anyway). Key=value settings pass
-/// unchanged but for a `tcp_user_timeout`, which tokio-postgres would read in seconds and
-/// which is then read here too (and set after it).
+/// `verify-full` become `require` (which verifies here anyway). Key=value settings and URLs
+/// without a query pass unchanged; a key=value `tcp_user_timeout`, which tokio-postgres would
+/// read in seconds, is read here too (and set after it).
 fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
     let millis = |value: &str| {
         value
@@ -191,6 +191,16 @@ fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
             extras.named.push(name.to_owned());
         }
         return Ok(extras);
+    }
+    if !database_url.contains('?') {
+        // Passed as it is: tokio-postgres reads what the `url` crate would refuse (several
+        // hosts, say).
+        return Ok(Extras {
+            url: database_url.to_owned(),
+            root_file: None,
+            user_timeout: None,
+            named: Vec::new(),
+        });
     }
     let mut url = url::Url::parse(database_url).map_err(|err| StoreError::Url(err.to_string()))?;
     let mut extras = Extras {
@@ -275,6 +285,9 @@ mod tests {
         let extras = libpq_extras(plain).unwrap();
         assert_eq!(extras.url, plain);
         assert_eq!(extras.named, ["host", "user", "sslmode"]);
+        let several = "postgres://app@db1:5432,db2:5432/copilot";
+        assert_eq!(libpq_extras(several).unwrap().url, several);
+        assert!(Target::parse(several).is_ok());
         let extras = libpq_extras("postgres://db/copilot?sslrootcert=ca.pem").unwrap();
         assert_eq!(extras.url, "postgres://db/copilot");
         assert!(matches!(
