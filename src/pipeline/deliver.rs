@@ -293,8 +293,6 @@ pub(super) fn traceparent(delivery: &Delivery) -> Option<String> {
     valid.then_some(text)
 }
 
-/// Whether a header is the broker's dead-lettering record (`x-death`, and the
-/// `x-first-death-*` and `x-last-death-*` summaries).
 /// The delivery's headers, for a copy of it to carry.
 fn copied_headers(delivery: &Delivery) -> BTreeMap<ShortString, AMQPValue> {
     delivery
@@ -305,6 +303,8 @@ fn copied_headers(delivery: &Delivery) -> BTreeMap<ShortString, AMQPValue> {
         .unwrap_or_default()
 }
 
+/// Whether a header is the broker's dead-lettering record (`x-death`, and the
+/// `x-first-death-*` and `x-last-death-*` summaries).
 fn is_death_header(name: &str) -> bool {
     name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
 }

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{AsyncMessage, Client};
@@ -53,11 +53,9 @@ pub struct ConfigCache {
     generation: AtomicU64,
     /// When the cache was made; `trusted_until` counts from it.
     epoch: Instant,
-    /// Milliseconds after `epoch` until which the listener is known to hear the server; 0 while
-    /// it is not listening.
+    /// Milliseconds after `epoch` until which the listener is known to hear the server; 0 until
+    /// a check comes back on the listener's current connection.
     trusted_until: AtomicU64,
-    /// Whether a check came back on the listener's current connection.
-    was_heard: AtomicBool,
 }
 
 impl ConfigCache {
@@ -67,9 +65,9 @@ impl ConfigCache {
             store,
             entries: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
-            epoch: Instant::now(),
+            // Made a minute ago, so that checks sent before now are still after it.
+            epoch: Instant::now() - Duration::from_secs(60),
             trusted_until: AtomicU64::new(0),
-            was_heard: AtomicBool::new(false),
         });
         metrics::gauge!(m::CONFIG_LISTENER_UP).set(0.0);
         tokio::spawn(listen(cache.clone(), shutdown));
@@ -88,19 +86,21 @@ impl ConfigCache {
     /// Trusts the cache until [`TRUSTED_FOR`] after `heard`, when a check that came back was
     /// sent (never moving the limit back).
     fn heard(&self, heard: Instant) {
-        self.trusted_until
-            .fetch_max(self.millis(heard + TRUSTED_FOR), Ordering::SeqCst);
-        if !self.was_heard.swap(true, Ordering::SeqCst) {
+        // At least 1: 0 stands for "no check back on this connection".
+        let until = self.millis(heard + TRUSTED_FOR).max(1);
+        if self.trusted_until.fetch_max(until, Ordering::SeqCst) == 0 {
             metrics::gauge!(m::CONFIG_LISTENER_UP).set(1.0);
             tracing::info!("config listener hears Postgres; the config cache is in use");
         }
     }
 
-    /// Stops trusting the cache and empties it: the listener is gone.
-    fn deaf(&self) {
-        self.trusted_until.store(0, Ordering::SeqCst);
+    /// Stops trusting the cache and empties it: the listener's connection is gone. Returns
+    /// whether a check had come back on it.
+    fn deaf(&self) -> bool {
+        let was_heard = self.trusted_until.swap(0, Ordering::SeqCst) != 0;
         self.clear();
         metrics::gauge!(m::CONFIG_LISTENER_UP).set(0.0);
+        was_heard
     }
 
     /// The config of `org_id`, from the cache when it can be trusted.
@@ -160,18 +160,18 @@ async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
     // transaction-mode PgBouncer, say) warns once, and says so when it hears again.
     let mut warned = false;
     loop {
-        let ended = match cache.store.target().connect().await {
+        let (ended, was_heard) = match cache.store.target().connect().await {
             Ok((client, notifications, driver)) => {
                 let ended = tokio::select! {
                     () = shutdown.cancelled() => Ended::Shutdown,
                     ended = hear(&cache, &client, notifications) => ended,
                 };
-                cache.deaf();
+                let was_heard = cache.deaf();
                 drop(client);
                 driver.abort();
-                ended
+                (ended, was_heard)
             }
-            Err(err) => Ended::Failed(err.to_string()),
+            Err(err) => (Ended::Failed(err.to_string()), false),
         };
         let why = match ended {
             Ended::Shutdown => return,
@@ -182,7 +182,7 @@ async fn listen(cache: Arc<ConfigCache>, shutdown: CancellationToken) {
                 PROBE_TIMEOUT.as_secs()
             ),
         };
-        if cache.was_heard.swap(false, Ordering::SeqCst) {
+        if was_heard {
             waits = crate::provider::retry::outage_backoff();
             warned = false;
         }
@@ -230,8 +230,10 @@ async fn hear(cache: &ConfigCache, client: &Client, mut notifications: Messages)
     let check = async {
         let mut ticks = tokio::time::interval(PROBE_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        for seq in 1_u64.. {
+        let mut seq = 0_u64;
+        loop {
             ticks.tick().await;
+            seq += 1;
             let asked = Instant::now();
             // One transaction (a simple query's statements share one); the notification is
             // sent at its commit, which need not wait for the disk. `SET LOCAL`, so that
@@ -251,7 +253,6 @@ async fn hear(cache: &ConfigCache, client: &Client, mut notifications: Messages)
                 Err(_) => return Ended::Deaf,
             }
         }
-        Ended::Deaf
     };
     tokio::select! {
         ended = evict => ended,
@@ -282,9 +283,9 @@ mod tests {
             store: Store::connect("postgres://127.0.0.1/unused", 1).unwrap(),
             entries: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
-            epoch: Instant::now(),
+            // Made a minute ago, so that checks sent before now are still after it.
+            epoch: Instant::now() - Duration::from_secs(60),
             trusted_until: AtomicU64::new(0),
-            was_heard: AtomicBool::new(false),
         }
     }
 

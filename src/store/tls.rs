@@ -143,7 +143,7 @@ fn dead_peer_defaults(config: &mut tokio_postgres::Config, named: &[String]) {
 }
 
 /// What [`Target::parse`] reads itself before tokio-postgres reads the rest.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 struct Extras {
     /// The settings without what only libpq knows.
     url: String,
@@ -171,15 +171,13 @@ fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
                 ))
             })
     };
+    let mut extras = Extras {
+        url: database_url.to_owned(),
+        ..Extras::default()
+    };
     let is_url =
         database_url.starts_with("postgres://") || database_url.starts_with("postgresql://");
     if !is_url {
-        let mut extras = Extras {
-            url: database_url.to_owned(),
-            root_file: None,
-            user_timeout: None,
-            named: Vec::new(),
-        };
         for (name, value) in database_url
             .split_whitespace()
             .filter_map(|setting| setting.split_once('='))
@@ -195,20 +193,9 @@ fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
     if !database_url.contains('?') {
         // Passed as it is: tokio-postgres reads what the `url` crate would refuse (several
         // hosts, say).
-        return Ok(Extras {
-            url: database_url.to_owned(),
-            root_file: None,
-            user_timeout: None,
-            named: Vec::new(),
-        });
+        return Ok(extras);
     }
     let mut url = url::Url::parse(database_url).map_err(|err| StoreError::Url(err.to_string()))?;
-    let mut extras = Extras {
-        url: String::new(),
-        root_file: None,
-        user_timeout: None,
-        named: Vec::new(),
-    };
     let mut pairs: Vec<(String, String)> = Vec::new();
     for (key, value) in url.query_pairs() {
         extras.named.push(key.clone().into_owned());
