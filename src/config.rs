@@ -56,6 +56,14 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_DELIVERY_LIMIT", global = true)]
     pub delivery_limit: Option<u32>,
 
+    /// Seconds a worker queue's consumer may receive nothing, with nothing of its own in
+    /// flight, before it is attached again on a new channel and the old channel closed. The
+    /// broker can stop feeding a consumer without telling it (a queue deleted and declared
+    /// again at once by another client); closing the channel hands back what it held. 0:
+    /// never. Default: 30.
+    #[arg(long, env = "COPILOT_IDLE_CONSUMER_RENEW_SECS", global = true)]
+    pub idle_consumer_renew_secs: Option<u64>,
+
     /// Largest accepted input event, in bytes; larger ones are dead-lettered. Default: 1 MiB.
     #[arg(long, env = "COPILOT_MAX_EVENT_BYTES", global = true)]
     pub max_event_bytes: Option<usize>,
@@ -138,6 +146,8 @@ pub struct Settings {
     pub db_pool_size: usize,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    /// None: never renew an idle consumer.
+    pub idle_consumer_renew: Option<Duration>,
     pub max_event_bytes: usize,
     pub workers_dir: PathBuf,
     pub schemas_dir: PathBuf,
@@ -186,6 +196,7 @@ impl SettingsArgs {
             db_pool_size,
             prefetch,
             delivery_limit,
+            idle_consumer_renew_secs,
             max_event_bytes,
             workers_dir,
             schemas_dir,
@@ -255,6 +266,10 @@ impl SettingsArgs {
             db_pool_size,
             prefetch,
             delivery_limit,
+            idle_consumer_renew: match args.idle_consumer_renew_secs.unwrap_or(30) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
             max_event_bytes,
             workers_dir: args
                 .workers_dir

@@ -62,6 +62,7 @@ struct Attach {
     deliveries: TaskTracker,
     shutdown: CancellationToken,
     running: Arc<AtomicUsize>,
+    renew_idle: Option<std::time::Duration>,
 }
 
 impl Attach {
@@ -75,6 +76,7 @@ impl Attach {
             queue,
             prefetch,
             keeper: Some(self.keeper.clone()),
+            renew_idle: self.renew_idle,
         };
         let link = self.link.clone();
         let deliveries = self.deliveries.clone();
@@ -132,9 +134,10 @@ pub async fn run(
         .await
     {
         let hint = if crate::broker::is_precondition_failed(&err) {
-            " (a queue's arguments are fixed when it is first declared: to change \
-             COPILOT_DELIVERY_LIMIT on existing queues, use a RabbitMQ policy, or drain and \
-             delete them; see the README)"
+            " (a queue's arguments are fixed when it is first declared: keep \
+             COPILOT_DELIVERY_LIMIT at the value the queues were declared with; to lower the \
+             limit, use a RabbitMQ policy (delivery-limit; the broker applies the smaller \
+             value); to raise it, the queues must be declared again: see the README)"
         } else {
             ""
         };
@@ -243,6 +246,7 @@ pub async fn run(
         deliveries: deliveries.clone(),
         shutdown: shutdown.clone(),
         running: running.clone(),
+        renew_idle: settings.idle_consumer_renew,
     };
     for worker in catalog.all() {
         let pipeline = pipeline.clone();

@@ -35,6 +35,7 @@ pub const EVENTS_IN_FLIGHT: &str = "copilot_events_in_flight";
 pub const ACKS_LOST: &str = "copilot_acks_lost_total";
 pub const PUBLISH_RETRIES: &str = "copilot_publish_retries_total";
 pub const TOPOLOGY_REDECLARED: &str = "copilot_topology_redeclared_total";
+pub const CONSUMERS_RENEWED: &str = "copilot_consumers_renewed_total";
 pub const TOKENS: &str = "copilot_tokens_total";
 pub const CONFIG_CACHE_HITS: &str = "copilot_config_cache_hits_total";
 pub const CONFIG_CACHE_MISSES: &str = "copilot_config_cache_misses_total";
@@ -107,6 +108,10 @@ fn describe() {
     describe_counter!(
         TOPOLOGY_REDECLARED,
         "Times the broker topology was declared again because part of it was missing."
+    );
+    describe_counter!(
+        CONSUMERS_RENEWED,
+        "Idle consumers attached again on a new channel, their old channel closed (handing back what the broker may have sent it unseen)."
     );
     describe_counter!(
         TOKENS,

@@ -4,11 +4,21 @@
 //! When the connection drops, lapin recovers the channel and consumer and we wait for it;
 //! while it is down nothing is consumed and nothing is nacked. On shutdown the consumer is
 //! cancelled first, so no new delivery arrives while in-flight ones finish.
+//!
+//! A consumer that has received nothing for a while, with nothing of its own in flight, is
+//! attached again on a new channel and its old channel closed (`renew_idle`). The broker can
+//! stop feeding a consumer without telling it: a quorum queue deleted and declared again by
+//! another client within ≈30 ms (RabbitMQ 3.10) leaves its consumers attached to nothing, no
+//! cancel, and they go on taking deliveries the client never sees, up to the prefetch, held
+//! until their channel closes. Closing the channel hands them back; for a consumer that is
+//! only idle, renewing costs a channel.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -26,6 +36,26 @@ pub struct Consumer {
     pub prefetch: u16,
     /// Declares the topology again when the queue has gone missing (none: just wait).
     pub keeper: Option<Arc<TopologyKeeper>>,
+    /// Attach again on a new channel after this long with no delivery and none of this
+    /// consumer's in flight (none: never); see the module's doc.
+    pub renew_idle: Option<Duration>,
+}
+
+/// Counts one attachment's deliveries whose handling has not finished (acked, parked or
+/// dead-lettered); dropped with the handling's task.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(count: &Arc<AtomicUsize>) -> Held {
+        count.fetch_add(1, Ordering::SeqCst);
+        Held(count.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Consumer {
@@ -49,8 +79,14 @@ impl Consumer {
             };
             match self.attach(&connection).await {
                 Ok((channel, consumer)) => {
+                    tracing::info!(queue = %self.queue, prefetch = self.prefetch, "consuming");
                     running.fetch_add(1, Ordering::SeqCst);
-                    self.pump(&channel, consumer, tracker, &shutdown, &running, &handle)
+                    let attached = Attached {
+                        connection: &connection,
+                        channel,
+                        consumer,
+                    };
+                    self.pump(attached, tracker, &shutdown, &running, &handle)
                         .await;
                     running.fetch_sub(1, Ordering::SeqCst);
                     if shutdown.is_cancelled() {
@@ -90,14 +126,33 @@ impl Consumer {
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(queue = %self.queue, prefetch = self.prefetch, "consuming");
         Ok((channel, consumer))
+    }
+
+    /// Attaches a new consumer, then closes the old one's channel, which hands back anything
+    /// the broker had sent it. Keeps the old one when a new one cannot be attached.
+    async fn renew(&self, attached: &mut Attached<'_>, tracker: &TaskTracker) {
+        match self.attach(attached.connection).await {
+            Ok((channel, consumer)) => {
+                let old = std::mem::replace(&mut attached.channel, channel);
+                attached.consumer = consumer;
+                metrics::counter!(crate::telemetry::CONSUMERS_RENEWED).increment(1);
+                tracing::debug!(queue = %self.queue, "idle consumer renewed on a new channel");
+                tracker.spawn(async move {
+                    if let Err(err) = old.close(200, "renewed".into()).await {
+                        tracing::debug!(error = %err, "closing a renewed consumer's channel failed");
+                    }
+                });
+            }
+            Err(err) => {
+                tracing::debug!(queue = %self.queue, error = %err, "cannot renew an idle consumer; keeping it");
+            }
+        }
     }
 
     async fn pump<H, Fut>(
         &self,
-        channel: &Channel,
-        mut consumer: lapin::Consumer,
+        mut attached: Attached<'_>,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
         running: &AtomicUsize,
@@ -106,38 +161,74 @@ impl Consumer {
         H: Fn(Delivery) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        // Deliveries of the current attachment not yet handled: a renewal waits for none,
+        // since closing their channel would hand them back while they run.
+        let mut held = Arc::new(AtomicUsize::new(0));
+        let mut quiet_since = Instant::now();
         loop {
+            let renew_at = self.renew_idle.map(|idle| quiet_since + idle);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    let tag = consumer.tag();
-                    if let Err(err) = channel.basic_cancel(tag, BasicCancelOptions::default()).await {
+                    let tag = attached.consumer.tag();
+                    if let Err(err) = attached.channel.basic_cancel(tag, BasicCancelOptions::default()).await {
                         tracing::debug!(error = %err, "consumer cancel failed");
                     }
                     return;
                 }
-                next = consumer.next() => match next {
+                next = attached.consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        tracker.spawn(handle(delivery));
+                        quiet_since = Instant::now();
+                        let work = handle(delivery);
+                        let held = Held::new(&held);
+                        tracker.spawn(async move {
+                            work.await;
+                            drop(held);
+                        });
                     }
                     Some(Err(err)) => {
                         tracing::warn!(queue = %self.queue, error = %err, "consumer interrupted; waiting for recovery");
                         // Not ready while the connection recovers.
                         running.fetch_sub(1, Ordering::SeqCst);
-                        let recovered = channel.wait_for_recovery(err).await;
+                        let recovered = attached.channel.wait_for_recovery(err).await;
                         running.fetch_add(1, Ordering::SeqCst);
                         if let Err(err) = recovered {
                             tracing::warn!(queue = %self.queue, error = %err, "recovery failed; re-attaching");
                             return;
                         }
                         tracing::info!(queue = %self.queue, "consumer recovered");
+                        quiet_since = Instant::now();
                     }
                     None => {
                         tracing::warn!(queue = %self.queue, "consumer stream ended; re-attaching");
                         return;
                     }
+                },
+                () = sleep_until(renew_at) => {
+                    quiet_since = Instant::now();
+                    // Not while lapin recovers the connection: the recovered consumer would
+                    // be a second one, fed with nobody reading it.
+                    if held.load(Ordering::SeqCst) == 0 && attached.channel.status().connected() {
+                        self.renew(&mut attached, tracker).await;
+                        held = Arc::new(AtomicUsize::new(0));
+                    }
                 }
             }
         }
+    }
+}
+
+/// A consumer and the channel and connection it was attached on.
+struct Attached<'a> {
+    connection: &'a Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+/// Sleeps until `at`, or for ever when there is no such time.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -40,8 +40,9 @@ impl Subscription {
 
 /// How long a restore waits before it declares. RabbitMQ 3.10 tells a deleted quorum queue's
 /// consumers ≈30 ms after the delete, and a queue declared again before that keeps them
-/// attached to nothing: no cancel, no deliveries, and a 541 INTERNAL_ERROR on their connection
-/// when they are cancelled (checked with a second client). Told in time, they re-attach.
+/// attached to nothing: no cancel, and deliveries held for them that they never see until
+/// their channel closes (checked with a second client; `Consumer` renews an idle consumer for
+/// that reason). Told in time, they re-attach.
 const DECLARE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Declares the topology again when the broker has lost part of it (a queue or an exchange

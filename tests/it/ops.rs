@@ -266,6 +266,47 @@ async fn a_topology_deleted_under_a_running_worker_is_declared_again() {
     h.finish().await;
 }
 
+/// Another client deletes a worker queue and declares it again at once, as a script
+/// "resetting" it would. RabbitMQ 3.10 then leaves the worker's consumer attached to nothing:
+/// no cancel, and the broker goes on sending it deliveries the worker never sees, held until
+/// its channel closes. The idle consumer is attached again on a new channel and the old one
+/// closed, so the event it held is processed, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_to_a_consumer_attached_to_nothing_come_back_when_it_is_renewed() {
+    let mut h = Harness::with(Options {
+        idle_consumer_renew_secs: 2,
+        ..Default::default()
+    })
+    .await;
+    let provider = provider_for(KEY, &summary_output("fed again")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    h.publish(&ticket_event("evt_before", "org_acme", "ticket.created"))
+        .await;
+    let (result, _) = h
+        .next_result(WAIT)
+        .await
+        .expect("a result before the reset");
+    assert_eq!(result.data.source_event_id, "evt_before");
+
+    h.delete_and_declare_at_once("summarize").await;
+    let renewed_before = h.counter("copilot_consumers_renewed_total").await;
+    h.publish(&ticket_event("evt_held", "org_acme", "ticket.created"))
+        .await;
+    let (result, _) = h
+        .next_result(WAIT)
+        .await
+        .expect("the event the broker sent the stranded consumer is processed");
+    assert_eq!(result.data.source_event_id, "evt_held");
+    assert!(
+        h.counter("copilot_consumers_renewed_total").await > renewed_before,
+        "the result came after a renewal"
+    );
+    assert!(h.next_result(Duration::from_secs(1)).await.is_none());
+    assert_eq!(provider.received_requests().await.unwrap().len(), 2);
+    h.finish().await;
+}
+
 /// Queue arguments are fixed once declared: a changed delivery limit stops the start with
 /// what to do, not only the broker's complaint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

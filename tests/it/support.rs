@@ -20,7 +20,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -63,6 +63,8 @@ pub struct Options {
     /// The service reaches Postgres through this local port (a test's proxy); the harness
     /// itself connects directly.
     pub database_port: Option<u16>,
+    /// `COPILOT_IDLE_CONSUMER_RENEW_SECS` (0: never).
+    pub idle_consumer_renew_secs: u64,
 }
 
 impl Default for Options {
@@ -82,6 +84,7 @@ impl Default for Options {
             provider_timeout_secs: 5,
             dead_letter_failures: false,
             database_port: None,
+            idle_consumer_renew_secs: 30,
         }
     }
 }
@@ -138,6 +141,7 @@ impl Harness {
             provider_max_attempts: Some(options.max_attempts),
             shutdown_grace_secs: Some(5),
             dead_letter_failures: Some(options.dead_letter_failures),
+            idle_consumer_renew_secs: Some(options.idle_consumer_renew_secs),
             ..Default::default()
         };
         let mut settings = args.resolve().expect("test settings");
@@ -353,6 +357,53 @@ impl Harness {
             .unwrap();
     }
 
+    /// Deletes a worker's queue and declares it again at once, with the arguments the service
+    /// gives it, then binds it again: what a script "resetting" the queue would do. The
+    /// declare follows the delete within a few milliseconds, before RabbitMQ tells the
+    /// deleted queue's consumers.
+    pub async fn delete_and_declare_at_once(&self, worker: &str) {
+        let queue = self.topology.worker_queue(worker);
+        let long = |text: &str| AMQPValue::LongString(LongString::from(text));
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long("quorum"));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long(&self.topology.dead_letter_exchange()),
+        );
+        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        args.insert("x-overflow".into(), long("reject-publish"));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(self.settings.delivery_limit as i32),
+        );
+        let channel = self.connection.create_channel().await.unwrap();
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_delete(queue.clone().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        channel
+            .queue_declare(queue.into(), durable, args)
+            .await
+            .unwrap();
+        let catalog = Catalog::load(&self.settings.workers_dir, &self.settings.schemas_dir)
+            .unwrap()
+            .select(&self.worker_names)
+            .unwrap();
+        let subscriptions: Vec<Subscription> = catalog
+            .all()
+            .iter()
+            .map(|worker| Subscription::new(worker.name(), worker.events()))
+            .collect();
+        self.topology
+            .declare(&channel, &subscriptions)
+            .await
+            .unwrap();
+    }
+
     /// Whether `queue` exists (a passive declare, on a channel of its own).
     pub async fn queue_exists(&self, queue: &str) -> bool {
         let channel = self.connection.create_channel().await.unwrap();
@@ -537,6 +588,12 @@ impl Harness {
             .env(
                 "COPILOT_SHUTDOWN_GRACE_SECS",
                 s.shutdown_grace.as_secs().to_string(),
+            )
+            .env(
+                "COPILOT_IDLE_CONSUMER_RENEW_SECS",
+                s.idle_consumer_renew
+                    .map_or(0, |idle| idle.as_secs())
+                    .to_string(),
             )
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())

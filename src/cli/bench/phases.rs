@@ -293,6 +293,7 @@ impl Bench {
             queue: topology.worker_queue(WORKER),
             prefetch: self.settings.prefetch,
             keeper: None,
+            renew_idle: None,
         };
         let exchange = Arc::new(topology.results_exchange());
         let started = Instant::now();
