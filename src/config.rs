@@ -16,6 +16,7 @@ use serde::Deserialize;
 /// Each field is optional here so that a flag or variable that was not given falls through to
 /// the config file and then to the default in [`Settings::resolve`].
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[command(next_help_heading = "Service settings (also COPILOT_* variables or the --config file)")]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct SettingsArgs {
     /// Optional TOML file with any of these settings (lowest precedence after the defaults).

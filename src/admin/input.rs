@@ -34,7 +34,8 @@ impl std::fmt::Display for FieldProblem {
 }
 
 /// A config as submitted. The API key is optional on update: without one, the stored key
-/// is kept.
+/// is kept, as long as the base URL keeps its origin (scheme, host and port): a stored key is
+/// sent only where it was given for.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigInput {
@@ -60,6 +61,13 @@ pub struct ConfigInput {
 
 fn enabled_by_default() -> bool {
     true
+}
+
+/// A URL's origin, `scheme://host:port` (the port only when not the scheme's default; no
+/// user info, path or query), or none when it cannot be read.
+fn origin(url: &str) -> Option<String> {
+    let origin = url::Url::parse(url).ok()?.origin();
+    origin.is_tuple().then(|| origin.ascii_serialization())
 }
 
 /// Whether an org id is acceptable: 1–200 characters of `[A-Za-z0-9_.:-]`.
@@ -156,6 +164,8 @@ impl ConfigInput {
                 ));
             }
         }
+        // The stored key's origin and the new one, when the stored key is not carried over.
+        let mut moved = None;
         let api_key = match self
             .api_key
             .as_ref()
@@ -168,13 +178,30 @@ impl ConfigInput {
                     None
                 }
             },
-            None => existing.and_then(|config| config.api_key.clone()),
+            None => match existing {
+                Some(stored) if stored.api_key.is_some() => {
+                    let (from, to) = (origin(&stored.base_url), origin(&self.base_url));
+                    if from.is_some() && from == to {
+                        stored.api_key.clone()
+                    } else {
+                        moved = Some((from, to));
+                        None
+                    }
+                }
+                _ => None,
+            },
         };
         if api_key.is_none() && self.provider.requires_key() {
-            problems.push(FieldProblem::new(
-                "api_key",
-                format!("the {} profile needs an API key", self.provider.as_str()),
-            ));
+            let message = match moved {
+                Some((from, to)) => format!(
+                    "the base URL moves the config from {} to {}: give the API key again (a \
+                     stored key is sent only to the origin it was given for)",
+                    from.as_deref().unwrap_or("an unreadable URL"),
+                    to.as_deref().unwrap_or("an unreadable URL"),
+                ),
+                None => format!("the {} profile needs an API key", self.provider.as_str()),
+            };
+            problems.push(FieldProblem::new("api_key", message));
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -196,5 +223,102 @@ impl ConfigInput {
                 ..Health::default()
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: EndpointPolicy = EndpointPolicy {
+        allow_loopback: false,
+        allow_private: false,
+    };
+
+    fn input(provider: Profile, base_url: &str, key: Option<&str>) -> ConfigInput {
+        ConfigInput {
+            provider,
+            base_url: base_url.to_owned(),
+            model: "m".to_owned(),
+            api_key: key.map(|key| SecretString::from(key.to_owned())),
+            params: ModelParams::default(),
+            workers: None,
+            worker_models: BTreeMap::new(),
+            context: OrgContext::default(),
+            max_concurrency: None,
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn a_stored_key_is_kept_only_while_the_base_url_keeps_its_origin() {
+        let keys = KeyRing::generate().unwrap();
+        let update = |provider, url, key, stored: &ProviderConfig| {
+            input(provider, url, key).into_config("org_a", Some(stored), &keys, POLICY)
+        };
+        let stored = input(
+            Profile::Openai,
+            "https://api.example.com/v1",
+            Some("sk-first"),
+        )
+        .into_config("org_a", None, &keys, POLICY)
+        .unwrap();
+        assert!(stored.api_key.is_some());
+
+        // Another path, the host in capitals, the default port written out: the same origin.
+        for same in [
+            "https://api.example.com/v2",
+            "https://API.example.com:443/v1",
+        ] {
+            let config = update(Profile::Generic, same, None, &stored).unwrap_or_else(|p| {
+                panic!("{same}: {p:?}");
+            });
+            assert_eq!(config.api_key, stored.api_key, "{same}");
+        }
+        // Another host, scheme or port: the key is not carried there.
+        for (moved, origin) in [
+            ("https://collector.example/v1", "https://collector.example"),
+            ("http://api.example.com/v1", "http://api.example.com"),
+            (
+                "https://api.example.com:8443/v1",
+                "https://api.example.com:8443",
+            ),
+            (
+                "https://api.example.com.collector.example/v1",
+                "https://api.example.com.collector.example",
+            ),
+        ] {
+            let problems = update(Profile::Openai, moved, None, &stored).unwrap_err();
+            assert_eq!(problems.len(), 1, "{moved}: {problems:?}");
+            assert_eq!(problems[0].field, "api_key");
+            let expected =
+                format!("from https://api.example.com to {origin}: give the API key again");
+            assert!(problems[0].message.contains(&expected), "{}", problems[0]);
+        }
+        // Given again, the key goes with the move.
+        let moved = update(
+            Profile::Openai,
+            "https://collector.example/v1",
+            Some("sk-second"),
+            &stored,
+        )
+        .unwrap();
+        assert!(moved.api_key.is_some());
+        assert_ne!(moved.api_key, stored.api_key);
+        // A profile that needs no key moves without one: the stored key stays behind.
+        let keyless = update(Profile::Ollama, "https://ollama.example/v1", None, &stored).unwrap();
+        assert!(keyless.api_key.is_none());
+        // A stored config without a key has nothing to carry.
+        let unchanged = update(
+            Profile::Openai,
+            "https://collector.example/v1",
+            None,
+            &keyless,
+        )
+        .unwrap_err();
+        assert!(
+            unchanged[0].message.contains("needs an API key"),
+            "{unchanged:?}"
+        );
     }
 }

@@ -54,6 +54,7 @@ pub enum OrgCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct SetArgs {
+    /// The org's id, as events carry it in `data.org_id`.
     pub org: String,
     /// Provider profile.
     #[arg(long, value_enum)]
@@ -64,7 +65,9 @@ pub struct SetArgs {
     /// Default model.
     #[arg(long)]
     pub model: String,
-    /// Read the API key from standard input.
+    /// Read the API key from standard input. Without any of the three, the stored key is kept,
+    /// but only while the base URL keeps its scheme, host and port: a stored key is never
+    /// sent to another origin.
     #[arg(long, group = "key")]
     pub api_key_stdin: bool,
     /// Read the API key from a file.
@@ -73,8 +76,10 @@ pub struct SetArgs {
     /// Read the API key from this environment variable.
     #[arg(long, group = "key")]
     pub api_key_env: Option<String>,
+    /// Sampling temperature (0 to 2) for every worker; default: each worker's own (its spec).
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// Most completion tokens per request, for every worker; default: each worker's own.
     #[arg(long)]
     pub max_tokens: Option<u32>,
     /// Provider request timeout in seconds.

@@ -67,7 +67,8 @@ pub struct ProviderConfig {
     /// Per-worker model overrides.
     pub worker_models: BTreeMap<String, String>,
     pub context: OrgContext,
-    /// Most provider calls in flight at once for this org, across this replica.
+    /// Most provider calls in flight at once for this org, across all replicas (each takes
+    /// a share).
     pub max_concurrency: Option<u32>,
     pub enabled: bool,
     pub health: Health,

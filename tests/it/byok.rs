@@ -615,6 +615,80 @@ async fn the_admin_api_authenticates_and_round_trips_configs() {
     h.finish().await;
 }
 
+/// A stored key goes only where it was given for. Pointing a config at another origin
+/// without giving the key again is refused, by the admin API and the CLI alike; the org's
+/// events still reach its own provider, and nothing is sent to the other address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_key_is_never_carried_to_another_origin() {
+    let mut h = with_admin_api().await;
+    let home = provider_for(KEY, &summary_output("home")).await;
+    let elsewhere = MockServer::start().await;
+    let home_url = format!("{}/v1", home.uri());
+    let elsewhere_url = format!("{}/v1", elsewhere.uri());
+    let client = reqwest::Client::new();
+    let base = format!("http://{}/v1/orgs/org_acme/provider", h.http_addr);
+    let put = |body: Value| {
+        client
+            .put(&base)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+
+    let created = put(
+        json!({"provider": "openai", "base_url": home_url, "model": "gpt-4o-mini",
+        "api_key": KEY}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 201);
+    // The same origin: the stored key is kept.
+    let updated = put(json!({"provider": "openai", "base_url": home_url, "model": "gpt-4o"}))
+        .await
+        .unwrap();
+    assert_eq!(updated.status(), 200);
+    let view: Value = updated.json().await.unwrap();
+    assert_eq!(view["api_key"]["last4"], "…6789");
+
+    let moved = put(json!({"provider": "openai", "base_url": elsewhere_url, "model": "gpt-4o"}))
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), 422);
+    let error: Value = moved.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "api_key", "{error}");
+    let said = error["error"]["message"].as_str().unwrap();
+    assert!(said.contains(&format!("to {}", elsewhere.uri())), "{said}");
+    let output = h
+        .cli(&[
+            "org",
+            "set",
+            "org_acme",
+            "--allow-loopback-providers",
+            "true",
+            "--provider",
+            "openai",
+            "--base-url",
+            &elsewhere_url,
+            "--model",
+            "gpt-4o",
+        ])
+        .await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("give the API key again"), "{said}");
+    let stored = h.store.provider_config("org_acme").await.unwrap().unwrap();
+    assert_eq!(stored.base_url, home_url);
+
+    h.publish(&ticket_event("evt_home", "org_acme", "ticket.created"))
+        .await;
+    let (result, _) = h.next_result(WAIT).await.expect("a result");
+    assert_eq!(result.data.source_event_id, "evt_home");
+    assert_eq!(result.kind, "ticket.enrichment.completed");
+    assert_eq!(home.received_requests().await.unwrap().len(), 1);
+    assert!(elsewhere.received_requests().await.unwrap().is_empty());
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_lists_configs_by_page_and_answers_unknown_routes_in_json() {
     let h = with_admin_api().await;
