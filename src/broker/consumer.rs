@@ -161,12 +161,19 @@ impl Consumer {
         H: Fn(Delivery) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        // Deliveries of the current attachment not yet handled: a renewal waits for none,
-        // since closing their channel would hand them back while they run.
-        let mut held = Arc::new(AtomicUsize::new(0));
+        // Deliveries not yet handled: a renewal waits for none, since closing their channel
+        // would hand them back while they run.
+        let held = Arc::new(AtomicUsize::new(0));
         let mut quiet_since = Instant::now();
+        // Checked twice per idle period, so that a renewal comes 1 to 1.5 periods after the
+        // last delivery; one timer for the consumer's life, not one armed per delivery.
+        let mut checks = self.renew_idle.map(|idle| {
+            let every = idle / 2;
+            let mut checks = tokio::time::interval_at(Instant::now() + every, every);
+            checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            checks
+        });
         loop {
-            let renew_at = self.renew_idle.map(|idle| quiet_since + idle);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -204,13 +211,16 @@ impl Consumer {
                         return;
                     }
                 },
-                () = sleep_until(renew_at) => {
-                    quiet_since = Instant::now();
+                () = next_check(&mut checks) => {
+                    let idle = self.renew_idle.is_some_and(|idle| quiet_since.elapsed() >= idle);
                     // Not while lapin recovers the connection: the recovered consumer would
                     // be a second one, fed with nobody reading it.
-                    if held.load(Ordering::SeqCst) == 0 && attached.channel.status().connected() {
+                    if idle
+                        && held.load(Ordering::SeqCst) == 0
+                        && attached.channel.status().connected()
+                    {
                         self.renew(&mut attached, tracker).await;
-                        held = Arc::new(AtomicUsize::new(0));
+                        quiet_since = Instant::now();
                     }
                 }
             }
@@ -225,10 +235,12 @@ struct Attached<'a> {
     consumer: lapin::Consumer,
 }
 
-/// Sleeps until `at`, or for ever when there is no such time.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// The next idle check, or never when renewal is off.
+async fn next_check(checks: &mut Option<tokio::time::Interval>) {
+    match checks {
+        Some(checks) => {
+            checks.tick().await;
+        }
         None => std::future::pending().await,
     }
 }
