@@ -107,7 +107,9 @@ pub fn check_ip(ip: IpAddr, policy: EndpointPolicy) -> Result<(), EndpointRefuse
 /// literal addresses. Host names are checked again, resolved, when connecting.
 pub fn check_url(url: &str, policy: EndpointPolicy) -> Result<url::Url, EndpointRefused> {
     let parsed = url::Url::parse(url).map_err(|_| EndpointRefused::BadUrl)?;
-    if !matches!(parsed.scheme(), "http" | "https") || !parsed.username().is_empty() {
+    // Credentials in the URL would be stored and shown in clear: the key has its own field.
+    let credentials = !parsed.username().is_empty() || parsed.password().is_some();
+    if !matches!(parsed.scheme(), "http" | "https") || credentials {
         return Err(EndpointRefused::BadUrl);
     }
     match parsed.host() {
@@ -241,6 +243,7 @@ mod tests {
         assert!(check_url("https://api.openai.com/v1", STRICT).is_ok());
         assert!(check_url("ftp://api.openai.com/v1", STRICT).is_err());
         assert!(check_url("https://user:pw@api.openai.com/v1", STRICT).is_err());
+        assert!(check_url("https://:sk-in-the-url@api.openai.com/v1", STRICT).is_err());
     }
 
     #[tokio::test]
