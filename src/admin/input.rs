@@ -55,12 +55,10 @@ pub struct ConfigInput {
     pub context: OrgContext,
     #[serde(default)]
     pub max_concurrency: Option<u32>,
-    #[serde(default = "enabled_by_default")]
-    pub enabled: bool,
-}
-
-fn enabled_by_default() -> bool {
-    true
+    /// Absent: an existing config keeps its state (a disabled org is not enabled again by an
+    /// edit of its model), a new one is enabled.
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 /// A URL's origin, `scheme://host:port` (the port only when not the scheme's default; no
@@ -217,7 +215,9 @@ impl ConfigInput {
             worker_models: self.worker_models,
             context: self.context,
             max_concurrency: self.max_concurrency,
-            enabled: self.enabled,
+            enabled: self
+                .enabled
+                .unwrap_or_else(|| existing.is_none_or(|stored| stored.enabled)),
             health: Health {
                 healthy: true,
                 ..Health::default()
@@ -246,7 +246,7 @@ mod tests {
             worker_models: BTreeMap::new(),
             context: OrgContext::default(),
             max_concurrency: None,
-            enabled: true,
+            enabled: None,
         }
     }
 
@@ -319,6 +319,41 @@ mod tests {
         assert!(
             unchanged[0].message.contains("needs an API key"),
             "{unchanged:?}"
+        );
+    }
+
+    #[test]
+    fn an_edit_keeps_a_disabled_config_disabled_unless_it_says_otherwise() {
+        let keys = KeyRing::generate().unwrap();
+        let url = "https://api.example.com/v1";
+        let new = input(Profile::Openai, url, Some("sk-key"))
+            .into_config("org_a", None, &keys, POLICY)
+            .unwrap();
+        assert!(new.enabled, "a new config is enabled");
+        let mut disabled = new.clone();
+        disabled.enabled = false;
+        let edited = input(Profile::Openai, url, None)
+            .into_config("org_a", Some(&disabled), &keys, POLICY)
+            .unwrap();
+        assert!(
+            !edited.enabled,
+            "an edit of the model does not enable it again"
+        );
+        let mut enabling = input(Profile::Openai, url, None);
+        enabling.enabled = Some(true);
+        assert!(
+            enabling
+                .into_config("org_a", Some(&disabled), &keys, POLICY)
+                .unwrap()
+                .enabled
+        );
+        let mut disabling = input(Profile::Openai, url, None);
+        disabling.enabled = Some(false);
+        assert!(
+            !disabling
+                .into_config("org_a", Some(&new), &keys, POLICY)
+                .unwrap()
+                .enabled
         );
     }
 }

@@ -107,7 +107,8 @@ pub struct SetArgs {
     /// takes a share). Default: none; each replica then holds the org to 32.
     #[arg(long)]
     pub max_concurrency: Option<u32>,
-    /// Store the config disabled.
+    /// Store the config disabled. Without it, an existing config keeps its state (`org
+    /// enable`, `org disable`) and a new one is enabled.
     #[arg(long)]
     pub disabled: bool,
 }
@@ -250,7 +251,7 @@ async fn set(settings: &Settings, store: &Store, args: SetArgs) -> anyhow::Resul
             reply_language: args.reply_language.clone(),
         },
         max_concurrency: args.max_concurrency,
-        enabled: !args.disabled,
+        enabled: args.disabled.then_some(false),
     };
     let existing = store.provider_config(&args.org).await?;
     match input.into_config(
