@@ -156,9 +156,10 @@ struct Extras {
 }
 
 /// The URL without what only libpq knows, and the settings read here: `verify-ca` and
-/// `verify-full` become `require` (which verifies here anyway). Key=value settings and URLs
-/// without a query pass unchanged; a key=value `tcp_user_timeout`, which tokio-postgres would
-/// read in seconds, is read here too (and set after it).
+/// `verify-full` become `require` (which verifies here anyway); every other query setting and
+/// the part before the query pass as written. Key=value settings pass unchanged; a key=value
+/// `tcp_user_timeout`, which tokio-postgres would read in seconds, is read here too (and set
+/// after it).
 fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
     let millis = |value: &str| {
         value
@@ -190,30 +191,36 @@ fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
         }
         return Ok(extras);
     }
-    if !database_url.contains('?') {
-        // Passed as it is: tokio-postgres reads what the `url` crate would refuse (several
-        // hosts, say).
+    let Some((base, query)) = database_url.split_once('?') else {
         return Ok(extras);
-    }
-    let mut url = url::Url::parse(database_url).map_err(|err| StoreError::Url(err.to_string()))?;
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for (key, value) in url.query_pairs() {
-        extras.named.push(key.clone().into_owned());
-        match key.as_ref() {
-            "sslrootcert" => extras.root_file = Some(PathBuf::from(value.as_ref())),
+    };
+    // The query is read here and the rest passed on as written, segment by segment: the
+    // part before it may name several hosts (`db1:5432,db2:5432`, which the `url` crate
+    // refuses), and a value re-encoded on the way (`options=-c%20…`) could change meaning.
+    let mut kept = Vec::new();
+    for segment in query.split('&').filter(|segment| !segment.is_empty()) {
+        let (raw_key, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
+        let decode = |raw: &str| {
+            percent_encoding::percent_decode_str(raw)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let (key, value) = (decode(raw_key), decode(raw_value));
+        match key.as_str() {
+            "sslrootcert" => extras.root_file = Some(PathBuf::from(&value)),
             "tcp_user_timeout" => extras.user_timeout = Some(millis(&value)?),
             "sslmode" if value == "verify-ca" || value == "verify-full" => {
-                pairs.push((key.into_owned(), "require".to_owned()));
+                kept.push("sslmode=require");
             }
-            _ => pairs.push((key.into_owned(), value.into_owned())),
+            _ => kept.push(segment),
         }
+        extras.named.push(key);
     }
-    if pairs.is_empty() {
-        url.set_query(None);
+    extras.url = if kept.is_empty() {
+        base.to_owned()
     } else {
-        url.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    extras.url = url.to_string();
+        format!("{base}?{}", kept.join("&"))
+    };
     Ok(extras)
 }
 
@@ -275,6 +282,17 @@ mod tests {
         let several = "postgres://app@db1:5432,db2:5432/copilot";
         assert_eq!(libpq_extras(several).unwrap().url, several);
         assert!(Target::parse(several).is_ok());
+        // Several hosts with a query (a primary and its standby), and a value whose encoding
+        // matters: passed on as written.
+        let several = "postgres://app@db1:5432,db2:5432/copilot?target_session_attrs=read-write&options=-c%20statement_timeout%3D5000&sslmode=verify-full";
+        let extras = libpq_extras(several).unwrap();
+        assert_eq!(
+            extras.url,
+            "postgres://app@db1:5432,db2:5432/copilot?target_session_attrs=read-write&options=-c%20statement_timeout%3D5000&sslmode=require"
+        );
+        let config = Target::parse(several).unwrap().config;
+        assert_eq!(config.get_hosts().len(), 2);
+        assert_eq!(config.get_options(), Some("-c statement_timeout=5000"));
         let extras = libpq_extras("postgres://db/copilot?sslrootcert=ca.pem").unwrap();
         assert_eq!(extras.url, "postgres://db/copilot");
         assert!(matches!(
