@@ -197,8 +197,7 @@ async fn removing_or_disabling_a_config_stops_requests_at_once() {
     for reason in ["no_config", "disabled"] {
         let skipped =
             format!("copilot_events_skipped_total{{worker=\"summarize\",reason=\"{reason}\"}}");
-        h.eventually(WAIT, reason, || async { h.counter(&skipped).await == 1.0 })
-            .await;
+        h.counter_reaches(WAIT, reason, &skipped, 1.0).await;
     }
     assert_eq!(
         provider.received_requests().await.unwrap().len(),
@@ -247,16 +246,12 @@ async fn a_config_change_reaches_a_worker_whose_listener(cut: fn(&SilentProxy) -
     .await;
     let provider = provider_for(KEY, &summary_output("live")).await;
     let url = format!("{}/v1", provider.uri());
-    h.eventually(WAIT, "the listener", || async {
-        h.counter(listener_up).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the listener", listener_up, 1.0)
+        .await;
     h.set_org("org_a", &url, KEY).await;
     // Its notification, which a loaded machine may deliver late, is heard before the cut.
-    h.eventually(WAIT, "the new config's notification", || async {
-        h.counter(invalidations).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the new config's notification", invalidations, 1.0)
+        .await;
     h.publish(&ticket_event("evt_cut_1", "org_a", "ticket.created"))
         .await;
     h.results(1, WAIT).await; // the config is now cached
@@ -273,10 +268,8 @@ async fn a_config_change_reaches_a_worker_whose_listener(cut: fn(&SilentProxy) -
     h.publish(&ticket_event("evt_cut_2", "org_a", "ticket.created"))
         .await;
     let disabled = "copilot_events_skipped_total{worker=\"summarize\",reason=\"disabled\"}";
-    h.eventually(WAIT, "the disabled skip", || async {
-        h.counter(disabled).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the disabled skip", disabled, 1.0)
+        .await;
     assert_eq!(
         provider.received_requests().await.unwrap().len(),
         1,
@@ -285,10 +278,8 @@ async fn a_config_change_reaches_a_worker_whose_listener(cut: fn(&SilentProxy) -
 
     // The failing connection is given up, and a new one hears the next change.
     tokio::time::sleep(PROBE_TIMEOUT).await;
-    h.eventually(WAIT, "the listener again", || async {
-        h.counter(listener_up).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the listener again", listener_up, 1.0)
+        .await;
     assert!(h.store.set_provider_enabled("org_a", true).await.unwrap());
     h.eventually(WAIT, "the change heard", || async {
         h.counter(invalidations).await > heard

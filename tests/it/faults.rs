@@ -601,10 +601,11 @@ async fn exhausted_retries_publish_a_failed_result_and_a_dead_letter() {
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
     let counted =
         "copilot_events_dead_lettered_total{worker=\"summarize\",reason=\"retries_exhausted\"}";
-    h.eventually(
+    h.counter_reaches(
         Duration::from_secs(20),
         "the dead letter to be counted",
-        || async { h.counter(counted).await == 1.0 },
+        counted,
+        1.0,
     )
     .await;
 
@@ -700,9 +701,12 @@ async fn an_open_breaker_defers_an_orgs_events_without_calling_its_provider() {
     assert_eq!(result.data.org_id, "org_up");
     assert!(result.is_completed());
     let parked = "copilot_events_parked_total{worker=\"summarize\",reason=\"circuit_open\"}";
-    h.eventually(Duration::from_secs(20), "three deferred events", || async {
-        h.counter(parked).await == 3.0
-    })
+    h.counter_reaches(
+        Duration::from_secs(20),
+        "three deferred events",
+        parked,
+        3.0,
+    )
     .await;
     assert_eq!(down.received_requests().await.unwrap().len(), 5);
     h.finish().await;

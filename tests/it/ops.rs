@@ -40,10 +40,7 @@ async fn each_counter_moves_by_exactly_what_happened() {
     h.results(3, WAIT).await;
     h.wait_dead_letters(4, WAIT).await;
     let skipped = "copilot_events_skipped_total{worker=\"summarize\",reason=\"no_config\"}";
-    h.eventually(WAIT, "the skips", || async {
-        h.counter(skipped).await == 2.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the skips", skipped, 2.0).await;
     let page = h.metrics().await;
     let value = |line: &str| crate::support::metric_value(&page, line);
     let expected = [

@@ -161,10 +161,8 @@ async fn org_without_config_is_skipped_without_any_request() {
     ))
     .await;
     let skipped = "copilot_events_skipped_total{worker=\"summarize\",reason=\"no_config\"}";
-    h.eventually(WAIT, "the skip to be counted", || async {
-        h.counter(skipped).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the skip to be counted", skipped, 1.0)
+        .await;
     assert!(
         h.next_result(Duration::from_millis(700)).await.is_none(),
         "no result is published"
@@ -203,10 +201,8 @@ async fn invalid_json_is_dead_lettered_with_a_reason_and_work_goes_on() {
     );
     assert_eq!(dead[0].data, b"{\"specversion\": \"1.0\", oops");
     let counted = "copilot_events_dead_lettered_total{worker=\"summarize\",reason=\"not_json\"}";
-    h.eventually(WAIT, "dead letters to be counted", || async {
-        h.counter(counted).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "dead letters to be counted", counted, 1.0)
+        .await;
     assert_eq!(provider.received_requests().await.unwrap().len(), 1);
     h.finish().await;
 }

@@ -473,6 +473,20 @@ impl Harness {
         }
     }
 
+    /// Waits until the metric `name_and_labels` reads exactly `value`, for at most `wait`.
+    pub async fn counter_reaches(
+        &self,
+        wait: Duration,
+        what: &str,
+        name_and_labels: &str,
+        value: f64,
+    ) {
+        self.eventually(wait, what, || async {
+            self.counter(name_and_labels).await == value
+        })
+        .await;
+    }
+
     /// Stops the service (draining), so that anything unacked goes back to its queue.
     pub async fn stop_service(&mut self) {
         self.shutdown.cancel();

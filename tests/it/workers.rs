@@ -286,10 +286,8 @@ async fn unchanged_content_is_skipped_without_a_call() {
     updated["type"] = json!("ticket.updated");
     h.publish(&updated).await;
     let skipped = "copilot_events_skipped_total{worker=\"triage\",reason=\"unchanged\"}";
-    h.eventually(WAIT, "the unchanged skip", || async {
-        h.counter(skipped).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "the unchanged skip", skipped, 1.0)
+        .await;
     assert_eq!(provider.received_requests().await.unwrap().len(), 1);
     assert!(h.next_result(Duration::from_millis(500)).await.is_none());
     // A real change runs again.
@@ -325,10 +323,8 @@ async fn org_context_chooses_workers_models_tone_and_language() {
     let results = h.results(1, WAIT).await;
     assert_eq!(results[0].data.worker, "reply_draft");
     let skipped = "copilot_events_skipped_total{worker=\"triage\",reason=\"worker_disabled\"}";
-    h.eventually(WAIT, "triage to be skipped", || async {
-        h.counter(skipped).await == 1.0
-    })
-    .await;
+    h.counter_reaches(WAIT, "triage to be skipped", skipped, 1.0)
+        .await;
     let requests = provider.received_requests().await.unwrap();
     assert_eq!(requests.len(), 1);
     let body: Value = requests[0].body_json().unwrap();
