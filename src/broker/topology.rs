@@ -197,9 +197,9 @@ impl Topology {
         args
     }
 
-    /// A consumed queue's arguments: quorum, the configured delivery limit, dead letters to
-    /// the dead-letter exchange.
-    fn limited_quorum_args(&self) -> FieldTable {
+    /// A consumed queue's arguments (a worker's, the unrouted events'): quorum, the configured
+    /// delivery limit, dead letters to the dead-letter exchange.
+    pub fn worker_queue_args(&self) -> FieldTable {
         let mut args = self.quorum_args(&self.dead_letter_exchange());
         args.insert(
             "x-delivery-limit".into(),
@@ -298,7 +298,7 @@ impl Topology {
         let queues = [
             (self.dead_letter_queue(), plain_quorum.clone()),
             (self.unrouted_results(), plain_quorum),
-            (self.unrouted_events(), self.limited_quorum_args()),
+            (self.unrouted_events(), self.worker_queue_args()),
         ];
         for (queue, args) in queues {
             channel
@@ -336,7 +336,7 @@ impl Topology {
         let worker = subscription.worker.as_str();
         let queue = self.worker_queue(worker);
         channel
-            .queue_declare(queue.clone().into(), options, self.limited_quorum_args())
+            .queue_declare(queue.clone().into(), options, self.worker_queue_args())
             .await?;
         for kind in EventType::ALL {
             let (queue, exchange) = (queue.clone().into(), self.events_exchange().into());

@@ -197,14 +197,14 @@ fn libpq_extras(database_url: &str) -> Result<Extras, StoreError> {
     // The query is read here and the rest passed on as written, segment by segment: the
     // part before it may name several hosts (`db1:5432,db2:5432`, which the `url` crate
     // refuses), and a value re-encoded on the way (`options=-c%20…`) could change meaning.
+    let decode = |raw: &str| {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
     let mut kept = Vec::new();
     for segment in query.split('&').filter(|segment| !segment.is_empty()) {
         let (raw_key, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
-        let decode = |raw: &str| {
-            percent_encoding::percent_decode_str(raw)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
         let (key, value) = (decode(raw_key), decode(raw_value));
         match key.as_str() {
             "sslrootcert" => extras.root_file = Some(PathBuf::from(&value)),

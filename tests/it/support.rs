@@ -20,7 +20,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -97,6 +97,8 @@ pub struct Harness {
     pub topology: Topology,
     pub http_addr: std::net::SocketAddr,
     pub worker_names: Vec<String>,
+    /// The workers' queues and the event types bound to them, as the service declares them.
+    pub subscriptions: Vec<Subscription>,
     /// The base64 master key of the default ring, for a service started as a binary.
     pub master_key: String,
     pub database: String,
@@ -163,6 +165,11 @@ impl Harness {
             .unwrap()
             .select(&names)
             .unwrap();
+        let subscriptions: Vec<Subscription> = catalog
+            .all()
+            .iter()
+            .map(|worker| Subscription::new(worker.name(), worker.events()))
+            .collect();
         let shutdown = CancellationToken::new();
         let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
         let connection = broker::connect(&options.amqp_url, "copilot-workers tests")
@@ -195,13 +202,8 @@ impl Harness {
             };
             (Some(service), started.http_addr)
         } else {
-            let workers: Vec<Subscription> = catalog
-                .all()
-                .iter()
-                .map(|worker| Subscription::new(worker.name(), worker.events()))
-                .collect();
             topology
-                .declare(&publisher.channel().await, &workers)
+                .declare(&publisher.channel().await, &subscriptions)
                 .await
                 .unwrap();
             (None, "127.0.0.1:0".parse().unwrap())
@@ -214,6 +216,7 @@ impl Harness {
             topology,
             http_addr,
             worker_names: names,
+            subscriptions,
             master_key,
             database,
             shutdown,
@@ -363,19 +366,6 @@ impl Harness {
     /// deleted queue's consumers.
     pub async fn delete_and_declare_at_once(&self, worker: &str) {
         let queue = self.topology.worker_queue(worker);
-        let long = |text: &str| AMQPValue::LongString(LongString::from(text));
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), long("quorum"));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            long(&self.topology.dead_letter_exchange()),
-        );
-        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-        args.insert("x-overflow".into(), long("reject-publish"));
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(self.settings.delivery_limit as i32),
-        );
         let channel = self.connection.create_channel().await.unwrap();
         let durable = QueueDeclareOptions {
             durable: true,
@@ -386,20 +376,11 @@ impl Harness {
             .await
             .unwrap();
         channel
-            .queue_declare(queue.into(), durable, args)
+            .queue_declare(queue.into(), durable, self.topology.worker_queue_args())
             .await
             .unwrap();
-        let catalog = Catalog::load(&self.settings.workers_dir, &self.settings.schemas_dir)
-            .unwrap()
-            .select(&self.worker_names)
-            .unwrap();
-        let subscriptions: Vec<Subscription> = catalog
-            .all()
-            .iter()
-            .map(|worker| Subscription::new(worker.name(), worker.events()))
-            .collect();
         self.topology
-            .declare(&channel, &subscriptions)
+            .declare(&channel, &self.subscriptions)
             .await
             .unwrap();
     }
