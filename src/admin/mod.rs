@@ -4,15 +4,16 @@
 //! The API is mounted only when `COPILOT_ADMIN_TOKEN` is set. No response ever contains an
 //! API key: a config is shown with its key masked to the last four characters.
 
+mod edit;
 pub mod input;
+pub mod patch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -191,7 +192,10 @@ pub fn router(
         .route("/v1/orgs", get(list_configs))
         .route(
             "/v1/orgs/{org}/provider",
-            get(get_config).put(put_config).delete(delete_config),
+            get(get_config)
+                .put(edit::put_config)
+                .patch(edit::patch_config)
+                .delete(delete_config),
         )
         .route("/v1/orgs/{org}/provider/test", post(test_config))
         .fallback(no_such_route)
@@ -377,76 +381,6 @@ async fn get_config(State(state): State<Arc<AdminState>>, Path(org): Path<String
     }
 }
 
-async fn put_config(
-    State(state): State<Arc<AdminState>>,
-    Path(org): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let json_body = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !json_body {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send application/json",
-            None,
-        );
-    }
-    let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    let input: ConfigInput = match serde_path_to_error::deserialize(&mut deserializer) {
-        Ok(input) => input,
-        Err(err) => {
-            let path = err.path().to_string();
-            let field = if err.inner().is_syntax() || err.inner().is_eof() {
-                "body".to_owned()
-            } else if path == "." {
-                field_from_message(&err.inner().to_string())
-            } else {
-                path
-            };
-            let problem = FieldProblem::new(&field, redact_serde_message(&err.inner().to_string()));
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
-                &problem.to_string(),
-                Some(&[problem]),
-            );
-        }
-    };
-    let existing = match state.store.provider_config(&org).await {
-        Ok(existing) => existing,
-        Err(err) => return unavailable(err),
-    };
-    let config = match input.into_config(&org, existing.as_ref(), &state.keys, state.policy) {
-        Ok(config) => config,
-        Err(problems) => {
-            let message = problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_config",
-                &message,
-                Some(&problems),
-            );
-        }
-    };
-    if let Err(err) = state.store.put_provider_config(&config).await {
-        return unavailable(err);
-    }
-    let status = if existing.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    (status, axum::Json(ConfigView::new(&config, &state.keys))).into_response()
-}
-
 async fn delete_config(State(state): State<Arc<AdminState>>, Path(org): Path<String>) -> Response {
     match state.store.remove_provider_config(&org).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -472,36 +406,6 @@ async fn test_config(State(state): State<Arc<AdminState>>, Path(org): Path<Strin
         }
         Err(err) => unavailable(err),
     }
-}
-
-/// serde names a missing or unknown field only in its message (`missing field `model``).
-fn field_from_message(message: &str) -> String {
-    message
-        .split('`')
-        .nth(1)
-        .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or("body")
-        .to_owned()
-}
-
-/// serde's messages quote the offending value, which could be a key sent in the wrong field;
-/// keep only the part before the quoted value.
-fn redact_serde_message(message: &str) -> String {
-    match message.find(": \"").or_else(|| message.find(" \"")) {
-        Some(cut) if message.starts_with("invalid") => format!(
-            "{} (value withheld){}",
-            &message[..cut],
-            tail_position(message)
-        ),
-        _ => message.to_owned(),
-    }
-}
-
-fn tail_position(message: &str) -> String {
-    message
-        .rfind(" at line ")
-        .map(|at| message[at..].to_owned())
-        .unwrap_or_default()
 }
 
 /// What a rotation did.

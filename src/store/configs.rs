@@ -131,6 +131,53 @@ fn from_row(row: &Row) -> Result<ProviderConfig, StoreError> {
     })
 }
 
+/// What [`Store::edit_provider_config`] stored.
+#[derive(Debug)]
+pub struct Edited {
+    pub config: ProviderConfig,
+    /// There was no config for the org before.
+    pub created: bool,
+}
+
+/// Inserts or replaces `config`'s row, marking it healthy again.
+async fn upsert(
+    client: &impl tokio_postgres::GenericClient,
+    config: &ProviderConfig,
+) -> Result<(), StoreError> {
+    let max_concurrency = config
+        .max_concurrency
+        .map(|cap| i32::try_from(cap).unwrap_or(i32::MAX));
+    client
+        .execute(
+            "INSERT INTO provider_configs (org_id, profile, base_url, model, api_key_key_id, \
+             api_key_sealed, params, enabled_workers, worker_models, context, max_concurrency, \
+             enabled) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (org_id) DO UPDATE SET profile = EXCLUDED.profile, \
+             base_url = EXCLUDED.base_url, model = EXCLUDED.model, \
+             api_key_key_id = EXCLUDED.api_key_key_id, api_key_sealed = EXCLUDED.api_key_sealed, \
+             params = EXCLUDED.params, enabled_workers = EXCLUDED.enabled_workers, \
+             worker_models = EXCLUDED.worker_models, context = EXCLUDED.context, \
+             max_concurrency = EXCLUDED.max_concurrency, enabled = EXCLUDED.enabled, \
+             healthy = TRUE, last_error = NULL, last_error_at = NULL, updated_at = now()",
+            &[
+                &config.org_id,
+                &config.profile.as_str(),
+                &config.base_url,
+                &config.model,
+                &config.api_key.as_ref().map(|sealed| sealed.key_id.as_str()),
+                &config.api_key.as_ref().map(|sealed| sealed.blob.as_slice()),
+                &Json(&config.params),
+                &config.enabled_workers,
+                &Json(&config.worker_models),
+                &Json(&config.context),
+                &max_concurrency,
+                &config.enabled,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 impl Store {
     /// The config of `org_id`, if it has one.
     pub async fn provider_config(
@@ -189,38 +236,39 @@ impl Store {
     /// Creates or replaces an org's config. A replaced config starts healthy again.
     pub async fn put_provider_config(&self, config: &ProviderConfig) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let max_concurrency = config
-            .max_concurrency
-            .map(|cap| i32::try_from(cap).unwrap_or(i32::MAX));
-        client
-            .execute(
-                "INSERT INTO provider_configs (org_id, profile, base_url, model, api_key_key_id, \
-                 api_key_sealed, params, enabled_workers, worker_models, context, max_concurrency, \
-                 enabled) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (org_id) DO UPDATE SET profile = EXCLUDED.profile, \
-                 base_url = EXCLUDED.base_url, model = EXCLUDED.model, \
-                 api_key_key_id = EXCLUDED.api_key_key_id, api_key_sealed = EXCLUDED.api_key_sealed, \
-                 params = EXCLUDED.params, enabled_workers = EXCLUDED.enabled_workers, \
-                 worker_models = EXCLUDED.worker_models, context = EXCLUDED.context, \
-                 max_concurrency = EXCLUDED.max_concurrency, enabled = EXCLUDED.enabled, \
-                 healthy = TRUE, last_error = NULL, last_error_at = NULL, updated_at = now()",
-                &[
-                    &config.org_id,
-                    &config.profile.as_str(),
-                    &config.base_url,
-                    &config.model,
-                    &config.api_key.as_ref().map(|sealed| sealed.key_id.as_str()),
-                    &config.api_key.as_ref().map(|sealed| sealed.blob.as_slice()),
-                    &Json(&config.params),
-                    &config.enabled_workers,
-                    &Json(&config.worker_models),
-                    &Json(&config.context),
-                    &max_concurrency,
-                    &config.enabled,
-                ],
+        upsert(&**client, config).await
+    }
+
+    /// Edits an org's config while holding its row: `edit` is given the stored config (none
+    /// for a new org) and returns the config to store, or why not (then nothing changes).
+    /// Two edits of one org, or an edit and a key rotation, take turns, so neither writes
+    /// over what the other just stored. A replaced config starts healthy again.
+    pub async fn edit_provider_config<E>(
+        &self,
+        org_id: &str,
+        edit: impl FnOnce(Option<&ProviderConfig>) -> Result<ProviderConfig, E>,
+    ) -> Result<Result<Edited, E>, StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        let stored = transaction
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM provider_configs WHERE org_id = $1 FOR UPDATE"),
+                &[&org_id],
             )
-            .await?;
-        Ok(())
+            .await?
+            .map(|row| from_row(&row))
+            .transpose()?;
+        let config = match edit(stored.as_ref()) {
+            Ok(config) => config,
+            // Dropping the transaction rolls it back and lets the row go.
+            Err(refused) => return Ok(Err(refused)),
+        };
+        upsert(&*transaction, &config).await?;
+        transaction.commit().await?;
+        Ok(Ok(Edited {
+            created: stored.is_none(),
+            config,
+        }))
     }
 
     /// Removes an org's config; returns whether there was one.

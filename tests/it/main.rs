@@ -3,6 +3,7 @@
 
 mod byok;
 mod dead_letters;
+mod edits;
 mod faults;
 mod leak;
 mod ops;

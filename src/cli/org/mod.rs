@@ -3,24 +3,26 @@
 //! The API key is read from stdin, a file or a named environment variable — never from a
 //! command-line argument, which would land in shell history and `ps`.
 
-use std::collections::BTreeMap;
-use std::io::Read as _;
-use std::path::PathBuf;
+mod edit;
 
 use anyhow::{Context as _, bail};
-use secrecy::{ExposeSecret, SecretString};
 
-use crate::admin::{self, ConfigInput, ConfigView, FieldProblem};
+use crate::admin::{self, ConfigView};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
-use crate::provider::{Profile, ProviderClient};
+use crate::provider::ProviderClient;
 use crate::store::Store;
-use crate::store::configs::{ModelParams, OrgContext, ProviderConfig};
+use crate::store::configs::ProviderConfig;
+
+use edit::{SetArgs, UpdateArgs};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum OrgCommand {
-    /// Create or replace an org's provider config.
+    /// Create or replace an org's provider config: what is not given takes its default (every
+    /// worker, no categories, no cap...). To change only some settings, use `org update`.
     Set(Box<SetArgs>),
+    /// Change some settings of an org's config and keep the rest as stored.
+    Update(Box<UpdateArgs>),
     /// Show an org's config (the key masked to its last four characters).
     Show {
         org: String,
@@ -52,71 +54,11 @@ pub enum OrgCommand {
     },
 }
 
-#[derive(Debug, clap::Args)]
-pub struct SetArgs {
-    /// The org's id, as events carry it in `data.org_id`.
-    pub org: String,
-    /// Provider profile.
-    #[arg(long, value_enum)]
-    pub provider: Profile,
-    /// Base URL of the OpenAI-compatible API (for Azure, the deployment URL).
-    #[arg(long)]
-    pub base_url: String,
-    /// Default model.
-    #[arg(long)]
-    pub model: String,
-    /// Read the API key from standard input. Without any of the three, the stored key is kept,
-    /// but only while the base URL keeps its scheme, host and port: a stored key is never
-    /// sent to another origin.
-    #[arg(long, group = "key")]
-    pub api_key_stdin: bool,
-    /// Read the API key from a file.
-    #[arg(long, group = "key")]
-    pub api_key_file: Option<PathBuf>,
-    /// Read the API key from this environment variable.
-    #[arg(long, group = "key")]
-    pub api_key_env: Option<String>,
-    /// Sampling temperature (0 to 2) for every worker; default: each worker's own (its spec).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// Most completion tokens per request, for every worker; default: each worker's own.
-    #[arg(long)]
-    pub max_tokens: Option<u32>,
-    /// Provider request timeout in seconds.
-    #[arg(long)]
-    pub timeout_secs: Option<u64>,
-    /// Azure `api-version`.
-    #[arg(long)]
-    pub api_version: Option<String>,
-    /// Only these workers run for the org (comma-separated); default: all.
-    #[arg(long, value_delimiter = ',')]
-    pub workers: Vec<String>,
-    /// Per-worker model override, `worker=model`; repeatable.
-    #[arg(long = "worker-model")]
-    pub worker_models: Vec<String>,
-    /// The org's ticket categories (comma-separated); triage picks only from these.
-    #[arg(long, value_delimiter = ',')]
-    pub categories: Vec<String>,
-    /// Tone for reply drafts.
-    #[arg(long)]
-    pub reply_tone: Option<String>,
-    /// Language for reply drafts (ISO 639-1).
-    #[arg(long)]
-    pub reply_language: Option<String>,
-    /// Most provider calls in flight at once for this org, across all worker replicas (each
-    /// takes a share). Default: none; each replica then holds the org to 32.
-    #[arg(long)]
-    pub max_concurrency: Option<u32>,
-    /// Store the config disabled. Without it, an existing config keeps its state (`org
-    /// enable`, `org disable`) and a new one is enabled.
-    #[arg(long)]
-    pub disabled: bool,
-}
-
 pub async fn run(settings: &Settings, command: OrgCommand) -> anyhow::Result<()> {
     let store = Store::connect(&settings.database_url, 2)?;
     match command {
-        OrgCommand::Set(args) => set(settings, &store, *args).await,
+        OrgCommand::Set(args) => edit::set(settings, &store, *args).await,
+        OrgCommand::Update(args) => edit::update(settings, &store, *args).await,
         OrgCommand::Show { org, json } => {
             let keys = KeyRing::from_env()?;
             let config = store
@@ -190,95 +132,6 @@ async fn toggle(store: &Store, org: &str, enabled: bool) -> anyhow::Result<()> {
         }
     );
     Ok(())
-}
-
-fn read_key(args: &SetArgs) -> anyhow::Result<Option<SecretString>> {
-    let raw = if args.api_key_stdin {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the API key from stdin")?;
-        Some(text)
-    } else if let Some(path) = &args.api_key_file {
-        Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the API key file {}", path.display()))?,
-        )
-    } else if let Some(name) = &args.api_key_env {
-        Some(
-            std::env::var(name)
-                .with_context(|| format!("environment variable {name} is not set"))?,
-        )
-    } else {
-        None
-    };
-    Ok(raw
-        .map(|text| SecretString::from(text.trim().to_owned()))
-        .filter(|key| !key.expose_secret().is_empty()))
-}
-
-async fn set(settings: &Settings, store: &Store, args: SetArgs) -> anyhow::Result<()> {
-    let keys = KeyRing::from_env()?;
-    let mut problems = Vec::new();
-    let mut worker_models = BTreeMap::new();
-    for pair in &args.worker_models {
-        match pair.split_once('=') {
-            Some((worker, model)) => {
-                worker_models.insert(worker.to_owned(), model.to_owned());
-            }
-            None => problems.push(FieldProblem::new(
-                "--worker-model",
-                format!("{pair:?} must look like worker=model"),
-            )),
-        }
-    }
-    let input = ConfigInput {
-        provider: args.provider,
-        base_url: args.base_url.clone(),
-        model: args.model.clone(),
-        api_key: read_key(&args)?,
-        params: ModelParams {
-            temperature: args.temperature,
-            max_tokens: args.max_tokens,
-            timeout_secs: args.timeout_secs,
-            api_version: args.api_version.clone(),
-        },
-        workers: (!args.workers.is_empty()).then(|| args.workers.clone()),
-        worker_models,
-        context: OrgContext {
-            categories: args.categories.clone(),
-            reply_tone: args.reply_tone.clone(),
-            reply_language: args.reply_language.clone(),
-        },
-        max_concurrency: args.max_concurrency,
-        enabled: args.disabled.then_some(false),
-    };
-    let existing = store.provider_config(&args.org).await?;
-    match input.into_config(
-        &args.org,
-        existing.as_ref(),
-        &keys,
-        settings.endpoint_policy,
-    ) {
-        Ok(config) if problems.is_empty() => {
-            store.put_provider_config(&config).await?;
-            print!("{}", describe(&config, &keys));
-            Ok(())
-        }
-        Ok(_) => bail!("invalid org config:\n  - {}", join(&problems)),
-        Err(more) => {
-            problems.extend(more);
-            bail!("invalid org config:\n  - {}", join(&problems))
-        }
-    }
-}
-
-fn join(problems: &[FieldProblem]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n  - ")
 }
 
 /// A human description of a config; the key appears only as its last four characters.
