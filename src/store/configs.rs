@@ -137,6 +137,20 @@ pub struct Edited {
     pub config: ProviderConfig,
     /// There was no config for the org before.
     pub created: bool,
+    /// The edit changed something. An edit that changes nothing writes nothing: the config
+    /// keeps its health (a failing org is not shown healthy by an empty edit) and no replica
+    /// is told to forget it.
+    pub changed: bool,
+}
+
+/// Whether two configs say the same, their health aside. A key sealed anew never compares
+/// equal (each seal has its own nonce), so giving a key always counts as a change.
+fn same_settings(a: &ProviderConfig, b: &ProviderConfig) -> bool {
+    let b_with_a_health = ProviderConfig {
+        health: a.health.clone(),
+        ..b.clone()
+    };
+    *a == b_with_a_health
 }
 
 /// Inserts or replaces `config`'s row, marking it healthy again.
@@ -242,7 +256,8 @@ impl Store {
     /// Edits an org's config while holding its row: `edit` is given the stored config (none
     /// for a new org) and returns the config to store, or why not (then nothing changes).
     /// Two edits of one org, or an edit and a key rotation, take turns, so neither writes
-    /// over what the other just stored. A replaced config starts healthy again.
+    /// over what the other just stored. A changed config starts healthy again; an edit that
+    /// changes nothing writes nothing (see [`Edited::changed`]).
     pub async fn edit_provider_config<E>(
         &self,
         org_id: &str,
@@ -263,10 +278,21 @@ impl Store {
             // Dropping the transaction rolls it back and lets the row go.
             Err(refused) => return Ok(Err(refused)),
         };
+        match stored {
+            Some(stored) if same_settings(&stored, &config) => {
+                return Ok(Ok(Edited {
+                    config: stored,
+                    created: false,
+                    changed: false,
+                }));
+            }
+            _ => {}
+        }
         upsert(&*transaction, &config).await?;
         transaction.commit().await?;
         Ok(Ok(Edited {
             created: stored.is_none(),
+            changed: true,
             config,
         }))
     }

@@ -257,3 +257,43 @@ async fn statuses_of(
     }
     statuses
 }
+
+/// An edit that changes nothing writes nothing: a failing org is not shown healthy by an
+/// empty patch, an `org update` without flags, or a PUT of what is stored. A real change
+/// starts it healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_changes_nothing_keeps_the_configs_health() {
+    let h = Harness::with(Options {
+        admin_token: Some(ADMIN_TOKEN),
+        ..Options::default()
+    })
+    .await;
+    let base = format!("http://{}/v1/orgs/org_edit/provider", h.http_addr);
+    let config = json!({"provider": "openai", "base_url": "https://api.openai.com/v1",
+        "model": "gpt-4o-mini", "api_key": KEY});
+    assert_eq!(put(&base, &config).await.status(), 201);
+    h.store
+        .record_provider_failure("org_edit", "provider_auth", true)
+        .await
+        .unwrap();
+
+    let empty = patch(&base, &json!({})).await;
+    assert_eq!(empty.status(), 200);
+    let view: Value = empty.json().await.unwrap();
+    assert_eq!(view["health"]["healthy"], false, "{view}");
+    let mut same = config.clone();
+    same["api_key"] = Value::Null;
+    assert_eq!(put(&base, &same).await.status(), 200);
+    let output = h.cli(&["org", "update", "org_edit"]).await;
+    assert!(output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("nothing changed"), "{said}");
+    let stored = h.store.provider_config("org_edit").await.unwrap().unwrap();
+    assert!(!stored.health.healthy);
+    assert_eq!(stored.health.last_error.as_deref(), Some("provider_auth"));
+
+    let changed = patch(&base, &json!({"model": "gpt-4o"})).await;
+    let view: Value = changed.json().await.unwrap();
+    assert_eq!(view["health"]["healthy"], true, "{view}");
+    h.finish().await;
+}

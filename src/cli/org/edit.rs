@@ -338,6 +338,9 @@ pub async fn update(settings: &Settings, store: &Store, args: UpdateArgs) -> any
 fn show_edit(edited: Result<Edited, Vec<FieldProblem>>, keys: &KeyRing) -> anyhow::Result<()> {
     match edited {
         Ok(edited) => {
+            if !edited.changed {
+                eprintln!("nothing changed: the stored config already says this");
+            }
             print!("{}", describe(&edited.config, keys));
             Ok(())
         }
