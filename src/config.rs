@@ -89,6 +89,20 @@ pub struct SettingsArgs {
     #[arg(long, env = "COPILOT_ALLOW_PRIVATE_PROVIDERS", global = true)]
     pub allow_private_providers: Option<bool>,
 
+    /// The egress proxy that provider calls go through, `http://[user:password@]host:port`:
+    /// each connection is a `CONNECT` tunnel carrying the provider's TLS. Read from
+    /// `COPILOT_PROVIDER_PROXY` or the config file only, never from a flag (its password
+    /// would be visible in `ps`). Default: none, providers are called directly.
+    #[arg(skip)]
+    pub provider_proxy: Option<String>,
+
+    /// Hosts that provider calls reach directly despite `COPILOT_PROVIDER_PROXY`,
+    /// comma-separated: a name also covers its subdomains (`corp.example` or `.corp.example`),
+    /// an address only itself, `*` every host (list `localhost,127.0.0.1` for a model on
+    /// this host).
+    #[arg(long, env = "COPILOT_PROVIDER_NO_PROXY", global = true)]
+    pub provider_no_proxy: Option<String>,
+
     /// Provider request timeout in seconds when the org's config sets none. Default: 60.
     #[arg(long, env = "COPILOT_PROVIDER_TIMEOUT_SECS", global = true)]
     pub provider_timeout_secs: Option<u64>,
@@ -153,6 +167,8 @@ pub struct Settings {
     pub workers_dir: PathBuf,
     pub schemas_dir: PathBuf,
     pub endpoint_policy: EndpointPolicy,
+    /// None: providers are called directly.
+    pub provider_proxy: Option<crate::provider::proxy::Proxy>,
     pub provider_timeout: Duration,
     pub provider_max_attempts: u32,
     pub shutdown_grace: Duration,
@@ -203,6 +219,8 @@ impl SettingsArgs {
             schemas_dir,
             allow_loopback_providers,
             allow_private_providers,
+            provider_proxy,
+            provider_no_proxy,
             provider_timeout_secs,
             provider_max_attempts,
             shutdown_grace_secs,
@@ -215,9 +233,23 @@ impl SettingsArgs {
 
     /// Resolves flags, environment, file and defaults into [`Settings`], reporting every
     /// invalid value together.
-    pub fn resolve(self) -> Result<Settings, ConfigError> {
+    pub fn resolve(mut self) -> Result<Settings, ConfigError> {
+        if self.provider_proxy.is_none() {
+            self.provider_proxy = std::env::var("COPILOT_PROVIDER_PROXY")
+                .ok()
+                .filter(|url| !url.trim().is_empty());
+        }
         let args = self.merged_with_file()?;
         let mut problems = Vec::new();
+        let provider_proxy = match &args.provider_proxy {
+            Some(url) => {
+                let no_proxy = args.provider_no_proxy.as_deref().unwrap_or_default();
+                crate::provider::proxy::Proxy::parse(url.trim(), no_proxy)
+                    .map_err(|problem| problems.push(problem))
+                    .ok()
+            }
+            None => None,
+        };
         let prefetch = args.prefetch.unwrap_or(200);
         if prefetch == 0 {
             problems.push("prefetch must be at least 1".to_owned());
@@ -282,6 +314,7 @@ impl SettingsArgs {
                 allow_loopback: args.allow_loopback_providers.unwrap_or(false),
                 allow_private: args.allow_private_providers.unwrap_or(false),
             },
+            provider_proxy,
             provider_timeout: Duration::from_secs(args.provider_timeout_secs.unwrap_or(60)),
             provider_max_attempts,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.unwrap_or(25)),

@@ -182,7 +182,11 @@ pub async fn run(
         instance.clone(),
         sharing_stop.clone(),
     ));
-    let provider = ProviderClient::new(settings.endpoint_policy)?;
+    if let Some(proxy) = &settings.provider_proxy {
+        tracing::info!(proxy = %proxy.address(), "provider calls go through the egress proxy");
+    }
+    let provider =
+        ProviderClient::new(settings.endpoint_policy)?.through(settings.provider_proxy.clone());
     tokio::spawn(provider.clone().keep_swept(background.clone()));
     let admin = match &settings.admin_token {
         Some(token) => {

@@ -142,6 +142,13 @@ impl ProviderClient {
         })
     }
 
+    /// The same client, its connections opened through the operator's egress proxy (the
+    /// hosts the proxy lists as direct aside).
+    pub fn through(mut self, proxy: Option<super::proxy::Proxy>) -> ProviderClient {
+        self.http = self.http.through(proxy);
+        self
+    }
+
     /// Closes connections left idle past their time, every 15 s until `stop` (see
     /// [`HttpClient::keep_swept`]).
     pub async fn keep_swept(self, stop: tokio_util::sync::CancellationToken) {
@@ -292,7 +299,7 @@ fn transport_error(err: HttpError, timeout: Duration) -> ProviderError {
         HttpError::Refused(refused) => ProviderError::Refused(refused),
         HttpError::Timeout => ProviderError::Timeout(timeout),
         HttpError::TooLarge(_) => ProviderError::Malformed("answer too large".into()),
-        HttpError::Unresolved | HttpError::Connect | HttpError::Tls(_) => {
+        HttpError::Unresolved | HttpError::Connect | HttpError::Tls(_) | HttpError::Proxy(_) => {
             ProviderError::Connect(err.to_string())
         }
         HttpError::Request => ProviderError::Connect("request failed".into()),

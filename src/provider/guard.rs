@@ -144,6 +144,25 @@ pub async fn resolve(
     port: u16,
     policy: EndpointPolicy,
 ) -> Result<Vec<SocketAddr>, GuardError> {
+    resolve_checked(host, port, policy, false).await
+}
+
+/// Resolves `host` and fails when the policy refuses any of its addresses: for a connection
+/// that another party (an egress proxy) dials by name, and so to whichever address it picks.
+pub async fn resolve_strict(
+    host: &str,
+    port: u16,
+    policy: EndpointPolicy,
+) -> Result<Vec<SocketAddr>, GuardError> {
+    resolve_checked(host, port, policy, true).await
+}
+
+async fn resolve_checked(
+    host: &str,
+    port: u16,
+    policy: EndpointPolicy,
+    strict: bool,
+) -> Result<Vec<SocketAddr>, GuardError> {
     check_host_name(host).map_err(GuardError::Refused)?;
     let resolved = tokio::net::lookup_host((host, port))
         .await
@@ -158,10 +177,11 @@ pub async fn resolve(
             }
         })
         .collect();
-    if allowed.is_empty() {
-        return Err(refusal.map_or(GuardError::Unresolved, GuardError::Refused));
+    match refusal {
+        Some(refused) if strict || allowed.is_empty() => Err(GuardError::Refused(refused)),
+        None if allowed.is_empty() => Err(GuardError::Unresolved),
+        _ => Ok(allowed),
     }
-    Ok(allowed)
 }
 
 /// A literal address, if the policy allows it.

@@ -6,7 +6,8 @@
 //! each address it resolves to is checked against the policy, and only an allowed address is
 //! dialled, so a name that resolves to a metadata address is never connected to. TLS is
 //! rustls (ring) against the system's root certificates, loaded at the first `https`
-//! connection. No proxy, no redirects, no HTTP/2 (see `ProviderClient::new` for why).
+//! connection. Through the operator's egress proxy when one is set (`proxy.rs`: a `CONNECT`
+//! tunnel). No redirects, no HTTP/2 (see `ProviderClient::new` for why).
 //!
 //! Why not a general client: one provider call went through reqwest's and hyper-util's
 //! layers (redirect policy, pool keys built from the formatted URI, boxed futures, a timer
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{self, EndpointRefused, GuardError};
+use super::proxy::{Proxy, TunnelError};
 use crate::config::EndpointPolicy;
 
 /// How long connecting may take, all of a name's addresses together.
@@ -56,6 +58,8 @@ pub enum HttpError {
     Request,
     #[error("answer larger than {0} bytes")]
     TooLarge(usize),
+    #[error("egress proxy: {0}")]
+    Proxy(#[from] TunnelError),
 }
 
 /// A provider's answer, read whole.
@@ -114,6 +118,7 @@ impl Pool {
 #[derive(Clone)]
 pub struct HttpClient {
     policy: EndpointPolicy,
+    proxy: Option<Arc<Proxy>>,
     pool: Arc<Mutex<Pool>>,
     tls: Arc<OnceLock<Result<tokio_rustls::TlsConnector, String>>>,
 }
@@ -122,12 +127,20 @@ impl HttpClient {
     pub fn new(policy: EndpointPolicy) -> HttpClient {
         HttpClient {
             policy,
+            proxy: None,
             pool: Arc::new(Mutex::new(Pool {
                 idle: HashMap::new(),
                 swept: Instant::now(),
             })),
             tls: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The same client, opening its connections through `proxy` (the hosts it lists as
+    /// direct aside).
+    pub fn through(mut self, proxy: Option<Proxy>) -> HttpClient {
+        self.proxy = proxy.map(Arc::new);
+        self
     }
 
     /// Sends one request and reads the whole answer (at most `max_body` bytes), all within
@@ -266,21 +279,41 @@ impl HttpClient {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new connection: the guard's addresses only, then TLS for `https`.
+    /// A new connection: the guard's addresses only (directly, or through the proxy's
+    /// tunnel), then TLS for `https`.
     async fn connect(&self, endpoint: &Endpoint) -> Result<SendRequest<Full<Bytes>>, HttpError> {
-        let addresses = match &endpoint.host {
-            Host::Name(name) => guard::resolve(name, endpoint.port, self.policy)
-                .await
-                .map_err(|err| match err {
-                    GuardError::Refused(refused) => HttpError::Refused(refused),
-                    GuardError::Unresolved => HttpError::Unresolved,
-                })?,
-            Host::Address(ip) => vec![guard::allowed(
-                SocketAddr::new(*ip, endpoint.port),
-                self.policy,
-            )?],
+        let host = match &endpoint.host {
+            Host::Name(name) => name.clone(),
+            Host::Address(ip) => ip.to_string(),
         };
-        let tcp = dial(&addresses).await?;
+        let proxy = self.proxy.as_ref().filter(|proxy| !proxy.bypasses(&host));
+        let guarded = |err| match err {
+            GuardError::Refused(refused) => HttpError::Refused(refused),
+            GuardError::Unresolved => HttpError::Unresolved,
+        };
+        let tcp = match (&endpoint.host, proxy) {
+            (Host::Name(name), None) => {
+                let addresses = guard::resolve(name, endpoint.port, self.policy)
+                    .await
+                    .map_err(guarded)?;
+                dial(&addresses).await?
+            }
+            (Host::Address(ip), None) => {
+                let address = SocketAddr::new(*ip, endpoint.port);
+                dial(&[guard::allowed(address, self.policy)?]).await?
+            }
+            (Host::Name(name), Some(proxy)) => {
+                // The proxy dials the name itself: every address it may pick must pass.
+                guard::resolve_strict(name, endpoint.port, self.policy)
+                    .await
+                    .map_err(guarded)?;
+                proxy.tunnel(name, endpoint.port).await?
+            }
+            (Host::Address(ip), Some(proxy)) => {
+                guard::allowed(SocketAddr::new(*ip, endpoint.port), self.policy)?;
+                proxy.tunnel(&host, endpoint.port).await?
+            }
+        };
         // No Nagle delay: a request is written whole and waits for nothing.
         let _ = tcp.set_nodelay(true);
         if !endpoint.https {
@@ -326,7 +359,7 @@ fn endpoint_of(url: &url::Url) -> Result<Endpoint, HttpError> {
 /// the next, and keeps the first that connects (the others are dropped): an address that
 /// never answers (an unroutable IPv6 address, say) delays the call by the head start, not
 /// by the connect timeout.
-async fn dial(addresses: &[SocketAddr]) -> Result<TcpStream, HttpError> {
+pub(super) async fn dial(addresses: &[SocketAddr]) -> Result<TcpStream, HttpError> {
     use futures_util::StreamExt as _;
     let mut waiting = addresses.iter();
     let Some(first) = waiting.next() else {

@@ -5,6 +5,7 @@ pub mod client;
 pub mod fake;
 pub mod guard;
 pub mod http;
+pub mod proxy;
 pub mod retry;
 
 pub use client::{

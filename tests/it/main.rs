@@ -4,6 +4,7 @@
 mod byok;
 mod dead_letters;
 mod edits;
+mod egress;
 mod faults;
 mod leak;
 mod ops;

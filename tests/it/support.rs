@@ -65,6 +65,9 @@ pub struct Options {
     pub database_port: Option<u16>,
     /// `COPILOT_IDLE_CONSUMER_RENEW_SECS` (0: never).
     pub idle_consumer_renew_secs: u64,
+    /// `COPILOT_PROVIDER_PROXY` and `COPILOT_PROVIDER_NO_PROXY`.
+    pub provider_proxy: Option<String>,
+    pub provider_no_proxy: Option<String>,
 }
 
 impl Default for Options {
@@ -85,6 +88,8 @@ impl Default for Options {
             dead_letter_failures: false,
             database_port: None,
             idle_consumer_renew_secs: 30,
+            provider_proxy: None,
+            provider_no_proxy: None,
         }
     }
 }
@@ -144,6 +149,8 @@ impl Harness {
             shutdown_grace_secs: Some(5),
             dead_letter_failures: Some(options.dead_letter_failures),
             idle_consumer_renew_secs: Some(options.idle_consumer_renew_secs),
+            provider_proxy: options.provider_proxy.clone(),
+            provider_no_proxy: options.provider_no_proxy.clone(),
             ..Default::default()
         };
         let mut settings = args.resolve().expect("test settings");

@@ -197,7 +197,8 @@ async fn test(settings: &Settings, store: &Store, org: &str) -> anyhow::Result<(
         .provider_config(org)
         .await?
         .with_context(|| format!("org {org} has no provider config"))?;
-    let client = ProviderClient::new(settings.endpoint_policy)?;
+    let client =
+        ProviderClient::new(settings.endpoint_policy)?.through(settings.provider_proxy.clone());
     let report = admin::test_org(store, &keys, &client, &config).await?;
     if report.ok {
         println!(
