@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::link::OpenError;
 use crate::broker::{Consumer, Link, Publisher, Subscription, Topology, TopologyKeeper};
 use crate::config::Settings;
 use crate::crypto::KeyRing;
@@ -112,15 +113,29 @@ pub async fn run(
             "copilot-workers {role} {}{instance}",
             settings.topology_prefix
         );
-        async move {
-            Link::open(&settings.amqp_url, &name)
-                .await
-                .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")
-        }
+        let shutdown = shutdown.clone();
+        async move { Link::open_waiting(&settings.amqp_url, &name, &shutdown, None).await }
     };
     // Separate connections: a broker blocking publishers (memory alarm) must not stop acks.
-    let consuming = link("consume").await?;
-    let publishing = link("publish").await?;
+    // A broker not up yet is waited for, until it answers or a signal stops the service.
+    let opened = match link("consume").await {
+        Ok(consuming) => link("publish")
+            .await
+            .map(|publishing| (consuming, publishing)),
+        Err(err) => Err(err),
+    };
+    let (consuming, publishing) = match opened {
+        Ok(links) => links,
+        Err(OpenError::Stopped { address }) => {
+            tracing::info!(broker = %address, "stopped before RabbitMQ answered; nothing to drain");
+            return Ok(());
+        }
+        Err(err) => {
+            return Err(
+                anyhow::Error::new(err).context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")
+            );
+        }
+    };
     let publisher = Publisher::new(publishing.clone()).await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();

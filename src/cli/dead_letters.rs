@@ -223,7 +223,8 @@ async fn next(channel: &lapin::Channel, queue: &str) -> anyhow::Result<Option<De
 }
 
 async fn list(settings: &Settings, topology: &Topology, args: ListArgs) -> anyhow::Result<()> {
-    let link = broker::Link::open(&settings.amqp_url, "copilot-workers dead-letters").await?;
+    let link =
+        broker::Link::open_for_command(&settings.amqp_url, "copilot-workers dead-letters").await?;
     let queue = topology.dead_letter_queue();
     let total = depth(&link, &queue).await?;
     let channel = link.connection().await.create_channel().await?;
@@ -379,7 +380,8 @@ async fn take(
     } else {
         "purged"
     };
-    let link = broker::Link::open(&settings.amqp_url, "copilot-workers dead-letters").await?;
+    let link =
+        broker::Link::open_for_command(&settings.amqp_url, "copilot-workers dead-letters").await?;
     let queue = topology.dead_letter_queue();
     let total = depth(&link, &queue).await?;
     let replayer = match ledger {

@@ -127,7 +127,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     // Start from a clean slate, in case an earlier demo was interrupted.
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let names: Vec<&str> = catalog.all().iter().map(|worker| worker.name()).collect();
-    let admin = broker::Link::open(&settings.amqp_url, "copilot-workers demo")
+    let admin = broker::Link::open_for_command(&settings.amqp_url, "copilot-workers demo")
         .await
         .context("cannot connect to RabbitMQ (COPILOT_AMQP_URL)")?;
     let publisher = Publisher::new(admin.clone()).await?;

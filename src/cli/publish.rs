@@ -32,7 +32,8 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
             args.file.display()
         ),
     };
-    let link = broker::Link::open(&settings.amqp_url, "copilot-workers publish-cli").await?;
+    let link =
+        broker::Link::open_for_command(&settings.amqp_url, "copilot-workers publish-cli").await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let exchange = topology.events_exchange();
     super::require_exchange(&link, &exchange, "nothing was published").await?;

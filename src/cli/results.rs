@@ -24,7 +24,8 @@ pub struct ResultsArgs {
 }
 
 pub async fn run(settings: &Settings, args: ResultsArgs) -> anyhow::Result<()> {
-    let link = broker::Link::open(&settings.amqp_url, "copilot-workers results-cli").await?;
+    let link =
+        broker::Link::open_for_command(&settings.amqp_url, "copilot-workers results-cli").await?;
     let topology = Topology::new(&settings.topology_prefix, settings.delivery_limit);
     let exchange = topology.results_exchange();
     super::require_exchange(&link, &exchange, "there is nothing to watch yet").await?;

@@ -591,3 +591,138 @@ async fn a_worker_queue_takes_only_the_event_types_its_worker_reacts_to() {
     connection.close(200, "done".into()).await.unwrap();
     h.finish().await;
 }
+
+/// Forwards every connection made to `listener` to the local RabbitMQ, as if the broker had
+/// come up on that port.
+async fn forward_to_rabbitmq(listener: tokio::net::TcpListener) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+            }
+        });
+    }
+}
+
+/// A broker that is not up yet is waited for, saying so and why; the service then starts
+/// when it comes, and a SIGTERM stops it at any point. A command run by hand gives up after
+/// 10 s naming the broker's address and the reason, never its credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
+    let mut h = Harness::with(Options {
+        in_process: false,
+        ..Options::default()
+    })
+    .await;
+    let provider = provider_for(KEY, &summary_output("waited")).await;
+    h.set_org("org_acme", &format!("{}/v1", provider.uri()), KEY)
+        .await;
+    // A port nothing listens on, until the "broker" comes up there.
+    let port = {
+        let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        reserved.local_addr().unwrap().port()
+    };
+    let late_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let mut service = h.binary_command();
+    service.env("COPILOT_AMQP_URL", &late_url);
+    let mut child = service.spawn().unwrap();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let output = tokio::spawn(async move {
+        let (mut a, mut b) = (String::new(), String::new());
+        let _ = tokio::join!(
+            tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
+            tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
+        );
+        a + &b
+    });
+    let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
+        .args(["results", "--count", "1"])
+        .env(
+            "COPILOT_AMQP_URL",
+            "amqp://guest:cmd-secret@127.0.0.1:1/%2f",
+        )
+        .env("COPILOT_TOPOLOGY_PREFIX", &h.settings.topology_prefix)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let given_up = tokio::spawn(command);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let late = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let forwarding = tokio::spawn(forward_to_rabbitmq(late));
+    h.publish(&ticket_event("evt_late", "org_acme", "ticket.created"))
+        .await;
+    let (result, _) = h
+        .next_result(WAIT)
+        .await
+        .expect("a result once the broker came");
+    assert_eq!(result.data.source_event_id, "evt_late");
+
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let said = output.await.unwrap();
+    assert!(exited.success(), "{exited:?}\n{said}");
+    assert!(
+        said.contains("RabbitMQ does not answer yet") && said.contains("Connection refused"),
+        "{said}"
+    );
+    forwarding.abort();
+
+    let gave_up = given_up.await.unwrap().unwrap();
+    let told = String::from_utf8_lossy(&gave_up.stderr);
+    assert!(!gave_up.status.success(), "{told}");
+    assert!(
+        told.contains("RabbitMQ at 127.0.0.1:1 did not answer within 10s"),
+        "{told}"
+    );
+    assert!(!told.contains("cmd-secret"), "{told}");
+    h.finish().await;
+}
+
+/// SIGTERM while the service still waits for a broker that never comes: it stops at once,
+/// with nothing to drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_service_still_waiting_for_the_broker() {
+    let h = Harness::with(Options {
+        in_process: false,
+        ..Options::default()
+    })
+    .await;
+    let mut service = h.binary_command();
+    service.env("COPILOT_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
+    let mut child = service.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = std::time::Instant::now();
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let exited = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let mut said = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut said).await;
+    }
+    assert!(exited.success(), "{exited:?}\n{said}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(said.contains("stopped before RabbitMQ"), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    h.finish().await;
+}
