@@ -7,7 +7,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::faults::close_broker_connections;
 use crate::skeleton::provider_for;
-use crate::support::{AMQP_URL, Harness, Options, header, summary_output, ticket_event, unique};
+use crate::support::{
+    AMQP_URL, Harness, Options, header, spawn, summary_output, ticket_event, unique,
+};
 
 const KEY: &str = "sk-ops-0123456789";
 const WAIT: Duration = Duration::from_secs(20);
@@ -625,16 +627,7 @@ async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
     let late_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let mut service = h.binary_command();
     service.env("COPILOT_AMQP_URL", &late_url);
-    let mut child = service.spawn().unwrap();
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let output = tokio::spawn(async move {
-        let (mut a, mut b) = (String::new(), String::new());
-        let _ = tokio::join!(
-            tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
-            tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
-        );
-        a + &b
-    });
+    let mut service = spawn(service);
     let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
         .args(["results", "--count", "1"])
         .env(
@@ -660,17 +653,12 @@ async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
         .expect("a result once the broker came");
     assert_eq!(result.data.source_event_id, "evt_late");
 
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exited = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    service.signal("-TERM");
+    let exited = tokio::time::timeout(Duration::from_secs(15), service.child.wait())
         .await
         .expect("exits")
         .unwrap();
-    let said = output.await.unwrap();
+    let said = service.output.await.unwrap();
     assert!(exited.success(), "{exited:?}\n{said}");
     assert!(
         said.contains("RabbitMQ does not answer yet") && said.contains("Connection refused"),
@@ -700,22 +688,15 @@ async fn sigterm_stops_a_service_still_waiting_for_the_broker() {
     .await;
     let mut service = h.binary_command();
     service.env("COPILOT_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
-    let mut child = service.spawn().unwrap();
+    let mut service = spawn(service);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stopping = std::time::Instant::now();
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let exited = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    service.signal("-TERM");
+    let exited = tokio::time::timeout(Duration::from_secs(10), service.child.wait())
         .await
         .expect("exits")
         .unwrap();
-    let mut said = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut said).await;
-    }
+    let said = service.output.await.unwrap();
     assert!(exited.success(), "{exited:?}\n{said}");
     assert!(
         stopping.elapsed() < Duration::from_secs(3),

@@ -549,20 +549,27 @@ pub type SeenResults = HashMap<String, HashSet<String>>;
 impl Harness {
     /// Starts `copilot-workers run` for this installation as a separate process.
     pub fn spawn_binary(&self) -> Binary {
-        let mut child = self.binary_command().spawn().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let output = tokio::spawn(async move {
-            let (mut a, mut b) = (String::new(), String::new());
-            let _ = tokio::join!(
-                tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
-                tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
-            );
-            a + &b
-        });
-        Binary { child, output }
+        spawn(self.binary_command())
     }
+}
 
+/// Starts `command` (a [`Harness::binary_command`], changed or not), its output drained.
+pub fn spawn(mut command: tokio::process::Command) -> Binary {
+    let mut child = command.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let output = tokio::spawn(async move {
+        let (mut a, mut b) = (String::new(), String::new());
+        let _ = tokio::join!(
+            tokio::io::AsyncReadExt::read_to_string(&mut out, &mut a),
+            tokio::io::AsyncReadExt::read_to_string(&mut err, &mut b)
+        );
+        a + &b
+    });
+    Binary { child, output }
+}
+
+impl Harness {
     /// `copilot-workers run` for this installation, its settings in the environment, its
     /// output piped; a test may change the environment before spawning it.
     pub fn binary_command(&self) -> tokio::process::Command {
