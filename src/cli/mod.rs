@@ -69,7 +69,13 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let outcome = runtime.block_on(dispatch(cli));
+    // Not dropped: dropping the runtime shuts its timers down under lapin's I/O threads, and
+    // one that is waiting to reconnect (a broker gone when the command ended) panics there,
+    // which printed a panic and a backtrace after a clean stop. The process ends here anyway;
+    // everything that had to be finished (drained, closed, written) was, before this point.
+    std::mem::forget(runtime);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", describe(&err));

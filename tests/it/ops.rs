@@ -595,15 +595,36 @@ async fn a_worker_queue_takes_only_the_event_types_its_worker_reacts_to() {
 }
 
 /// Forwards every connection made to `listener` to the local RabbitMQ, as if the broker had
-/// come up on that port.
-async fn forward_to_rabbitmq(listener: tokio::net::TcpListener) {
-    while let Ok((mut client, _)) = listener.accept().await {
+/// come up on that port, until `gone` fires: then the port and every connection through it
+/// close, as if the broker had died.
+async fn forward_to_rabbitmq(
+    listener: tokio::net::TcpListener,
+    gone: tokio_util::sync::CancellationToken,
+) {
+    while let Some(Ok((mut client, _))) = gone.run_until_cancelled(listener.accept()).await {
+        let gone = gone.clone();
         tokio::spawn(async move {
             if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                let tunnel = tokio::io::copy_bidirectional(&mut client, &mut broker);
+                let _ = gone.run_until_cancelled(tunnel).await;
             }
         });
     }
+}
+
+/// Sends SIGTERM to `service` and waits (at most 15 s) for it to exit: its exit status, its
+/// output, and how long it took to stop.
+async fn stop_with_sigterm(
+    mut service: crate::support::Binary,
+) -> (std::process::ExitStatus, String, Duration) {
+    let stopping = std::time::Instant::now();
+    service.signal("-TERM");
+    let exited = tokio::time::timeout(Duration::from_secs(15), service.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let took = stopping.elapsed();
+    (exited, service.output.await.unwrap(), took)
 }
 
 /// A broker that is not up yet is waited for, saying so and why; the service then starts
@@ -627,7 +648,7 @@ async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
     let late_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let mut service = h.binary_command();
     service.env("COPILOT_AMQP_URL", &late_url);
-    let mut service = spawn(service);
+    let service = spawn(service);
     let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
         .args(["results", "--count", "1"])
         .env(
@@ -644,7 +665,8 @@ async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
     let late = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
-    let forwarding = tokio::spawn(forward_to_rabbitmq(late));
+    let gone = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(forward_to_rabbitmq(late, gone.clone()));
     h.publish(&ticket_event("evt_late", "org_acme", "ticket.created"))
         .await;
     let (result, _) = h
@@ -653,18 +675,13 @@ async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
         .expect("a result once the broker came");
     assert_eq!(result.data.source_event_id, "evt_late");
 
-    service.signal("-TERM");
-    let exited = tokio::time::timeout(Duration::from_secs(15), service.child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    let said = service.output.await.unwrap();
+    let (exited, said, _) = stop_with_sigterm(service).await;
     assert!(exited.success(), "{exited:?}\n{said}");
     assert!(
         said.contains("RabbitMQ does not answer yet") && said.contains("Connection refused"),
         "{said}"
     );
-    forwarding.abort();
+    gone.cancel();
 
     let gave_up = given_up.await.unwrap().unwrap();
     let told = String::from_utf8_lossy(&gave_up.stderr);
@@ -688,22 +705,42 @@ async fn sigterm_stops_a_service_still_waiting_for_the_broker() {
     .await;
     let mut service = h.binary_command();
     service.env("COPILOT_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
-    let mut service = spawn(service);
+    let service = spawn(service);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let stopping = std::time::Instant::now();
-    service.signal("-TERM");
-    let exited = tokio::time::timeout(Duration::from_secs(10), service.child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    let said = service.output.await.unwrap();
+    let (exited, said, took) = stop_with_sigterm(service).await;
     assert!(exited.success(), "{exited:?}\n{said}");
-    assert!(
-        stopping.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        stopping.elapsed()
-    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(said.contains("stopped before RabbitMQ"), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    h.finish().await;
+}
+
+/// SIGTERM while the broker is gone mid-run: the service stops at once and cleanly (lapin's
+/// I/O thread, waiting to reconnect, had panicked when the runtime was dropped at exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_broker_outage_stops_cleanly() {
+    let h = Harness::with(Options {
+        in_process: false,
+        ..Options::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gone = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(forward_to_rabbitmq(listener, gone.clone()));
+    let mut service = h.binary_command();
+    service.env(
+        "COPILOT_AMQP_URL",
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+    );
+    let service = spawn(service);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    gone.cancel();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (exited, said, _) = stop_with_sigterm(service).await;
+    assert!(exited.success(), "{exited:?}\n{said}");
+    assert!(said.contains("copilot-workers running"), "{said}");
+    assert!(said.contains("stopped"), "{said}");
     assert!(!said.contains("panicked"), "{said}");
     h.finish().await;
 }
