@@ -98,7 +98,8 @@ pub struct SettingsArgs {
 
     /// Hosts that provider calls reach directly despite `COPILOT_PROVIDER_PROXY`,
     /// comma-separated: a name also covers its subdomains (`corp.example` or `.corp.example`),
-    /// an address only itself, `*` every host (list `localhost,127.0.0.1` for a model on
+    /// an address only itself, a network (`10.0.0.0/8`, `fd00::/8`) the addresses in it as
+    /// written in a provider's URL, `*` every host (list `localhost,127.0.0.1` for a model on
     /// this host).
     #[arg(long, env = "COPILOT_PROVIDER_NO_PROXY", global = true)]
     pub provider_no_proxy: Option<String>,

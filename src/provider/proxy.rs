@@ -25,10 +25,85 @@ pub struct Proxy {
     port: u16,
     /// `Basic …` from the URL's user and password, if any.
     authorization: Option<SecretString>,
-    /// Host names (a name also covers its subdomains) and addresses reached directly.
-    bypass: Vec<String>,
-    /// Every host is reached directly (`*`).
-    bypass_all: bool,
+    /// The hosts reached directly.
+    bypass: Vec<Direct>,
+}
+
+/// One entry of `COPILOT_PROVIDER_NO_PROXY`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Direct {
+    /// `*`: every host.
+    All,
+    /// A name, lower case, covering its subdomains.
+    Name(String),
+    /// An address, or a network (`10.0.0.0/8`, `fd00::/8`): the addresses in it, written as
+    /// addresses in the provider's URL (a name is not resolved for this).
+    Network(IpAddr, u8),
+}
+
+impl Direct {
+    fn parse(entry: &str) -> Result<Direct, String> {
+        let entry = entry.trim().to_ascii_lowercase();
+        if entry == "*" {
+            return Ok(Direct::All);
+        }
+        let (address, prefix) = match entry.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (entry.as_str(), None),
+        };
+        let unbracketed = address.trim_start_matches('[').trim_end_matches(']');
+        match (unbracketed.parse::<IpAddr>(), prefix) {
+            (Ok(ip), None) => Ok(Direct::Network(ip, if ip.is_ipv4() { 32 } else { 128 })),
+            (Ok(ip), Some(prefix)) => match prefix.parse::<u8>() {
+                Ok(bits) if bits <= if ip.is_ipv4() { 32 } else { 128 } => {
+                    Ok(Direct::Network(ip, bits))
+                }
+                _ => Err(format!(
+                    "provider_no_proxy: {entry:?} has a prefix length that does not fit its address"
+                )),
+            },
+            (Err(_), Some(_)) => Err(format!(
+                "provider_no_proxy: {entry:?} is not an address/prefix network"
+            )),
+            (Err(_), None) => Ok(Direct::Name(
+                entry
+                    .trim_start_matches("*.")
+                    .trim_start_matches('.')
+                    .trim_end_matches('.')
+                    .to_owned(),
+            )),
+        }
+    }
+
+    /// Whether `host` (lower case, no brackets, no final dot) is this entry's.
+    fn covers(&self, host: &str, address: Option<IpAddr>) -> bool {
+        match (self, address) {
+            (Direct::All, _) => true,
+            (Direct::Network(network, bits), Some(ip)) => within(ip, *network, *bits),
+            (Direct::Name(name), None) => {
+                host == name
+                    || host
+                        .strip_suffix(name.as_str())
+                        .is_some_and(|rest| rest.ends_with('.'))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether `ip` is in `network`/`bits` (the same family only).
+fn within(ip: IpAddr, network: IpAddr, bits: u8) -> bool {
+    match (ip, network) {
+        (IpAddr::V4(ip), IpAddr::V4(network)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(network) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(network)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(network) & mask
+        }
+        _ => false,
+    }
 }
 
 impl fmt::Debug for Proxy {
@@ -91,25 +166,16 @@ impl Proxy {
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
             Some(SecretString::from(format!("Basic {token}")))
         };
-        let entries: Vec<String> = no_proxy
+        let bypass = no_proxy
             .split(',')
-            .map(|entry| {
-                entry
-                    .trim()
-                    .trim_start_matches("*.")
-                    .trim_start_matches('.')
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_ascii_lowercase()
-            })
-            .filter(|entry| !entry.is_empty())
-            .collect();
+            .filter(|entry| !entry.trim().is_empty())
+            .map(Direct::parse)
+            .collect::<Result<Vec<Direct>, String>>()?;
         Ok(Proxy {
             host,
             port: parsed.port().unwrap_or(80),
             authorization,
-            bypass_all: entries.iter().any(|entry| entry == "*"),
-            bypass: entries,
+            bypass,
         })
     }
 
@@ -119,25 +185,16 @@ impl Proxy {
     }
 
     /// Whether connections to `host` go straight there: a host the operator listed (a name
-    /// covers its subdomains). Nothing else is implied, loopback included, as with curl.
+    /// covers its subdomains, a network the addresses in it). Nothing else is implied,
+    /// loopback included, as with curl.
     pub fn bypasses(&self, host: &str) -> bool {
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        if self.bypass_all {
-            return true;
-        }
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return self.bypass.iter().any(|entry| *entry == ip.to_string());
-        }
-        self.bypass.iter().any(|entry| {
-            host == *entry
-                || host
-                    .strip_suffix(entry.as_str())
-                    .is_some_and(|rest| rest.ends_with('.'))
-        })
+        let address = host.parse::<IpAddr>().ok();
+        self.bypass.iter().any(|entry| entry.covers(&host, address))
     }
 
     /// A tunnel to `host:port` (`host` as the URL has it: a name, or an address, which is
@@ -240,12 +297,16 @@ mod tests {
     fn listed_hosts_go_direct() {
         let proxy = Proxy::parse(
             "http://proxy.internal:3128",
-            " .corp.example, ollama.lan ,10.1.2.3,[fd00::1],localhost,127.0.0.1",
+            " .corp.example, ollama.lan ,10.1.2.3,[fd00::1],localhost,127.0.0.1,\
+             192.168.0.0/16,fc00:0::/7",
         )
         .unwrap();
         for direct in [
             "localhost",
             "127.0.0.1",
+            "192.168.4.20",
+            "[fd12:3456::9]",
+            "[fd00:0:0::1]",
             "corp.example",
             "llm.corp.example",
             "OLLAMA.lan",
@@ -262,11 +323,17 @@ mod tests {
             "10.1.2.4",
             "xollama.lan",
             "[::1]",
+            "192.169.0.1",
+            "[fe80::1]",
         ] {
             assert!(!proxy.bypasses(proxied), "{proxied}");
         }
         let all = Proxy::parse("http://proxy.internal:3128", "*").unwrap();
         assert!(all.bypasses("api.openai.com"));
+        for bad in ["10.0.0.0/33", "fd00::/129", "corp.example/8", "10.0.0.0/x"] {
+            let err = Proxy::parse("http://proxy.internal:3128", bad).unwrap_err();
+            assert!(err.starts_with("provider_no_proxy"), "{bad}: {err}");
+        }
     }
 
     /// A proxy that answers `status` to the first CONNECT and records what it was sent.
