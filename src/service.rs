@@ -118,13 +118,8 @@ pub async fn run(
     };
     // Separate connections: a broker blocking publishers (memory alarm) must not stop acks.
     // A broker not up yet is waited for, until it answers or a signal stops the service.
-    let opened = match link("consume").await {
-        Ok(consuming) => link("publish")
-            .await
-            .map(|publishing| (consuming, publishing)),
-        Err(err) => Err(err),
-    };
-    let (consuming, publishing) = match opened {
+    let opened = async { Ok::<_, OpenError>((link("consume").await?, link("publish").await?)) };
+    let (consuming, publishing) = match opened.await {
         Ok(links) => links,
         Err(OpenError::Stopped { address }) => {
             tracing::info!(broker = %address, "stopped before RabbitMQ answered; nothing to drain");

@@ -10,9 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{
-    AdminState, ConfigInput, ConfigView, FieldProblem, error, not_found, patch, unavailable,
-};
+use super::{AdminState, ConfigView, FieldProblem, error, input, not_found, patch, unavailable};
 use crate::crypto::KeyRing;
 use crate::store::StoreError;
 use crate::store::configs::Edited;
@@ -40,24 +38,6 @@ fn refuse_unless_json(headers: &HeaderMap, merge_patch: bool) -> Option<Response
         message,
         None,
     ))
-}
-
-/// Reads a config input from JSON, naming the field of the first problem.
-fn read_input<'de, D>(json: D) -> Result<ConfigInput, FieldProblem>
-where
-    D: serde::Deserializer<'de, Error = serde_json::Error>,
-{
-    serde_path_to_error::deserialize(json).map_err(|err| {
-        let path = err.path().to_string();
-        let field = if err.inner().is_syntax() || err.inner().is_eof() {
-            "body".to_owned()
-        } else if path == "." {
-            field_from_message(&err.inner().to_string())
-        } else {
-            path
-        };
-        FieldProblem::new(&field, redact_serde_message(&err.inner().to_string()))
-    })
 }
 
 /// Why an edit was not stored.
@@ -116,7 +96,7 @@ pub(super) async fn put_config(
     if let Some(refused) = refuse_unless_json(&headers, false) {
         return refused;
     }
-    let input = match read_input(&mut serde_json::Deserializer::from_slice(&body)) {
+    let input = match input::read(&mut serde_json::Deserializer::from_slice(&body)) {
         Ok(input) => input,
         Err(problem) => return edit_response(&org, &state.keys, Ok(Err(Refused::Body(problem)))),
     };
@@ -146,7 +126,7 @@ pub(super) async fn patch_config(
     let patch: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(patch) => patch,
         Err(err) => {
-            let problem = FieldProblem::new("body", redact_serde_message(&err.to_string()));
+            let problem = FieldProblem::new("body", input::redact_serde_message(&err.to_string()));
             return edit_response(&org, &state.keys, Ok(Err(Refused::Body(problem))));
         }
     };
@@ -154,41 +134,11 @@ pub(super) async fn patch_config(
         .store
         .edit_provider_config(&org, |stored| {
             let stored = stored.ok_or(Refused::NoConfig)?;
-            let input = patch::patched(stored, patch, read_input).map_err(Refused::Body)?;
+            let input = patch::patched(stored, patch).map_err(Refused::Body)?;
             input
                 .into_config(&org, Some(stored), &state.keys, state.policy)
                 .map_err(Refused::Config)
         })
         .await;
     edit_response(&org, &state.keys, edited)
-}
-
-/// serde names a missing or unknown field only in its message (`missing field `model``).
-fn field_from_message(message: &str) -> String {
-    message
-        .split('`')
-        .nth(1)
-        .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or("body")
-        .to_owned()
-}
-
-/// serde's messages quote the offending value, which could be a key sent in the wrong field;
-/// keep only the part before the quoted value.
-fn redact_serde_message(message: &str) -> String {
-    match message.find(": \"").or_else(|| message.find(" \"")) {
-        Some(cut) if message.starts_with("invalid") => format!(
-            "{} (value withheld){}",
-            &message[..cut],
-            tail_position(message)
-        ),
-        _ => message.to_owned(),
-    }
-}
-
-fn tail_position(message: &str) -> String {
-    message
-        .rfind(" at line ")
-        .map(|at| message[at..].to_owned())
-        .unwrap_or_default()
 }

@@ -226,6 +226,55 @@ impl ConfigInput {
     }
 }
 
+/// Reads a config input from JSON (a body, or a patched config), naming the field of the
+/// first problem.
+pub fn read<'de, D>(json: D) -> Result<ConfigInput, FieldProblem>
+where
+    D: serde::Deserializer<'de, Error = serde_json::Error>,
+{
+    serde_path_to_error::deserialize(json).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if err.inner().is_syntax() || err.inner().is_eof() {
+            "body".to_owned()
+        } else if path == "." {
+            field_from_message(&err.inner().to_string())
+        } else {
+            path
+        };
+        FieldProblem::new(&field, redact_serde_message(&err.inner().to_string()))
+    })
+}
+
+/// serde names a missing or unknown field only in its message (`missing field `model``).
+fn field_from_message(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or("body")
+        .to_owned()
+}
+
+/// serde's messages quote the offending value, which could be a key sent in the wrong field;
+/// keep only the part before the quoted value.
+pub(super) fn redact_serde_message(message: &str) -> String {
+    match message.find(": \"").or_else(|| message.find(" \"")) {
+        Some(cut) if message.starts_with("invalid") => format!(
+            "{} (value withheld){}",
+            &message[..cut],
+            tail_position(message)
+        ),
+        _ => message.to_owned(),
+    }
+}
+
+fn tail_position(message: &str) -> String {
+    message
+        .rfind(" at line ")
+        .map(|at| message[at..].to_owned())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,15 +51,22 @@ pub fn merge(target: &mut Value, patch: Value) {
     }
 }
 
-/// The input an edit makes: `patch` laid over `stored`. A new key (`api_key`, a string) is
-/// taken out of the patch before the merge, so that it is held only as a secret from then
-/// on; without one, the stored key is kept on [`ConfigInput::into_config`]'s terms (the same
-/// origin). `read` turns a merged config that does not read as an input into its problem.
-pub fn patched(
+/// The input an edit makes: `patch` laid over `stored`, read as an input (every problem
+/// naming its field). Without a new key, the stored key is kept on
+/// [`ConfigInput::into_config`]'s terms (the same origin).
+pub fn patched(stored: &ProviderConfig, patch: Value) -> Result<ConfigInput, FieldProblem> {
+    let (merged, api_key) = merged(stored, patch)?;
+    let mut input = super::input::read(merged)?;
+    input.api_key = api_key;
+    Ok(input)
+}
+
+/// `patch` laid over `stored`, and the new key it carried (`api_key`, a string): taken out
+/// before the merge, so that it is held only as a secret from then on.
+fn merged(
     stored: &ProviderConfig,
     patch: Value,
-    read: impl FnOnce(Value) -> Result<ConfigInput, FieldProblem>,
-) -> Result<ConfigInput, FieldProblem> {
+) -> Result<(Value, Option<SecretString>), FieldProblem> {
     let Value::Object(mut members) = patch else {
         return Err(FieldProblem::new(
             "body",
@@ -78,9 +85,7 @@ pub fn patched(
     };
     let mut merged = input_json(stored);
     merge(&mut merged, Value::Object(members));
-    let mut input = read(merged)?;
-    input.api_key = api_key;
-    Ok(input)
+    Ok((merged, api_key))
 }
 
 #[cfg(test)]
@@ -92,10 +97,6 @@ mod tests {
     use super::*;
     use crate::provider::Profile;
     use crate::store::configs::{Health, ModelParams, OrgContext};
-
-    fn read(value: Value) -> Result<ConfigInput, FieldProblem> {
-        serde_json::from_value(value).map_err(|err| FieldProblem::new("body", err.to_string()))
-    }
 
     fn stored() -> ProviderConfig {
         ProviderConfig {
@@ -174,7 +175,7 @@ mod tests {
     #[test]
     fn a_patch_changes_what_it_names_and_keeps_the_rest() {
         let stored = stored();
-        let input = patched(&stored, json!({"model": "gpt-4o"}), read).unwrap();
+        let input = patched(&stored, json!({"model": "gpt-4o"})).unwrap();
         assert_eq!(input.model, "gpt-4o");
         assert_eq!(input.provider, Profile::Openai);
         assert_eq!(input.base_url, stored.base_url);
@@ -197,7 +198,6 @@ mod tests {
             json!({"workers": null, "max_concurrency": null, "params": {"temperature": null},
                 "worker_models": {"triage": null, "language": "gpt-4o-mini"},
                 "context": {"categories": null}}),
-            read,
         )
         .unwrap();
         assert_eq!(input.workers, None, "every worker");
@@ -217,26 +217,18 @@ mod tests {
 
     #[test]
     fn a_key_in_the_patch_is_taken_out_before_the_merge() {
-        let mut seen = None;
-        let input = patched(
-            &stored(),
-            json!({"api_key": "sk-new-key-1234", "model": "gpt-4o"}),
-            |merged| {
-                seen = Some(merged.clone());
-                read(merged)
-            },
-        )
-        .unwrap();
-        let merged = seen.unwrap();
+        let patch = json!({"api_key": "sk-new-key-1234", "model": "gpt-4o"});
+        let (merged, _) = merged(&stored(), patch.clone()).unwrap();
+        let input = patched(&stored(), patch).unwrap();
         assert!(merged.get("api_key").is_none(), "{merged}");
         assert!(!merged.to_string().contains("sk-new-key"), "{merged}");
         assert_eq!(
             input.api_key.as_ref().map(ExposeSecret::expose_secret),
             Some("sk-new-key-1234")
         );
-        let wrong = patched(&stored(), json!({"api_key": 12}), read).unwrap_err();
+        let wrong = patched(&stored(), json!({"api_key": 12})).unwrap_err();
         assert_eq!(wrong.field, "api_key");
-        let not_object = patched(&stored(), json!(["model"]), read).unwrap_err();
+        let not_object = patched(&stored(), json!(["model"])).unwrap_err();
         assert_eq!(not_object.field, "body");
     }
 }

@@ -85,6 +85,16 @@ enum Host {
     Address(IpAddr),
 }
 
+impl Host {
+    /// As a URL writes it (an IPv6 address without its brackets).
+    fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Host::Name(name) => name.into(),
+            Host::Address(ip) => ip.to_string().into(),
+        }
+    }
+}
+
 struct Idle {
     sender: SendRequest<Full<Bytes>>,
     since: Instant,
@@ -282,11 +292,10 @@ impl HttpClient {
     /// A new connection: the guard's addresses only (directly, or through the proxy's
     /// tunnel), then TLS for `https`.
     async fn connect(&self, endpoint: &Endpoint) -> Result<SendRequest<Full<Bytes>>, HttpError> {
-        let host = match &endpoint.host {
-            Host::Name(name) => name.clone(),
-            Host::Address(ip) => ip.to_string(),
-        };
-        let proxy = self.proxy.as_ref().filter(|proxy| !proxy.bypasses(&host));
+        let proxy = self
+            .proxy
+            .as_ref()
+            .filter(|proxy| !proxy.bypasses(&endpoint.host.text()));
         let guarded = |err| match err {
             GuardError::Refused(refused) => HttpError::Refused(refused),
             GuardError::Unresolved => HttpError::Unresolved,
@@ -311,7 +320,7 @@ impl HttpClient {
             }
             (Host::Address(ip), Some(proxy)) => {
                 guard::allowed(SocketAddr::new(*ip, endpoint.port), self.policy)?;
-                proxy.tunnel(&host, endpoint.port).await?
+                proxy.tunnel(&ip.to_string(), endpoint.port).await?
             }
         };
         // No Nagle delay: a request is written whole and waits for nothing.

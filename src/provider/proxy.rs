@@ -52,12 +52,11 @@ impl Direct {
             None => (entry.as_str(), None),
         };
         let unbracketed = address.trim_start_matches('[').trim_end_matches(']');
+        let widest = |ip: IpAddr| if ip.is_ipv4() { 32 } else { 128 };
         match (unbracketed.parse::<IpAddr>(), prefix) {
-            (Ok(ip), None) => Ok(Direct::Network(ip, if ip.is_ipv4() { 32 } else { 128 })),
+            (Ok(ip), None) => Ok(Direct::Network(ip, widest(ip))),
             (Ok(ip), Some(prefix)) => match prefix.parse::<u8>() {
-                Ok(bits) if bits <= if ip.is_ipv4() { 32 } else { 128 } => {
-                    Ok(Direct::Network(ip, bits))
-                }
+                Ok(bits) if bits <= widest(ip) => Ok(Direct::Network(ip, bits)),
                 _ => Err(format!(
                     "provider_no_proxy: {entry:?} has a prefix length that does not fit its address"
                 )),

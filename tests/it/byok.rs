@@ -482,10 +482,10 @@ async fn a_rejected_key_fails_the_event_and_marks_the_config_unhealthy() {
     h.finish().await;
 }
 
-const ADMIN_TOKEN: &str = "admin-token-for-tests";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
 
 /// A running service with the admin API on, under [`ADMIN_TOKEN`].
-async fn with_admin_api() -> Harness {
+pub async fn with_admin_api() -> Harness {
     Harness::with(Options {
         admin_token: Some(ADMIN_TOKEN),
         ..Options::default()

@@ -6,12 +6,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wiremock::MockServer;
 
+use crate::byok::{ADMIN_TOKEN, with_admin_api};
 use crate::skeleton::provider_for;
 use crate::support::{Harness, Options, summary_output, ticket_event};
 
 const WAIT: Duration = Duration::from_secs(20);
 const KEY: &str = "sk-edit-0123456789";
-const ADMIN_TOKEN: &str = "edit-admin-token-0123456789";
 
 /// A PUT of `body`: the config created (or replaced) whole.
 async fn put(base: &str, body: &Value) -> reqwest::Response {
@@ -131,11 +131,7 @@ async fn an_edit_changes_only_what_it_names() {
 /// a base URL at another origin without the key, a wrong type, a body that is not a patch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_edit_names_its_field_and_changes_nothing() {
-    let h = Harness::with(Options {
-        admin_token: Some(ADMIN_TOKEN),
-        ..Options::default()
-    })
-    .await;
+    let h = with_admin_api().await;
     let home = provider_for(KEY, &summary_output("home")).await;
     let elsewhere = MockServer::start().await;
     let api = format!("http://{}/v1/orgs", h.http_addr);
@@ -214,11 +210,7 @@ async fn a_refused_edit_names_its_field_and_changes_nothing() {
 /// would let one edit write over another's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_of_one_org_at_once_all_land() {
-    let h = Harness::with(Options {
-        admin_token: Some(ADMIN_TOKEN),
-        ..Options::default()
-    })
-    .await;
+    let h = with_admin_api().await;
     let base = format!("http://{}/v1/orgs/org_edit/provider", h.http_addr);
     let created = put(
         &base,
@@ -263,11 +255,7 @@ async fn statuses_of(
 /// starts it healthy again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_that_changes_nothing_keeps_the_configs_health() {
-    let h = Harness::with(Options {
-        admin_token: Some(ADMIN_TOKEN),
-        ..Options::default()
-    })
-    .await;
+    let h = with_admin_api().await;
     let base = format!("http://{}/v1/orgs/org_edit/provider", h.http_addr);
     let config = json!({"provider": "openai", "base_url": "https://api.openai.com/v1",
         "model": "gpt-4o-mini", "api_key": KEY});

@@ -612,6 +612,13 @@ async fn forward_to_rabbitmq(
     }
 }
 
+/// This installation's service as its own process, reaching the broker at `amqp_url`.
+fn service_on_broker(h: &Harness, amqp_url: &str) -> crate::support::Binary {
+    let mut service = h.binary_command();
+    service.env("COPILOT_AMQP_URL", amqp_url);
+    spawn(service)
+}
+
 /// Sends SIGTERM to `service` and waits (at most 15 s) for it to exit: its exit status, its
 /// output, and how long it took to stop.
 async fn stop_with_sigterm(
@@ -646,9 +653,7 @@ async fn a_broker_not_up_yet_is_waited_for_and_a_command_gives_up() {
         reserved.local_addr().unwrap().port()
     };
     let late_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-    let mut service = h.binary_command();
-    service.env("COPILOT_AMQP_URL", &late_url);
-    let service = spawn(service);
+    let service = service_on_broker(&h, &late_url);
     let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_copilot-workers"))
         .args(["results", "--count", "1"])
         .env(
@@ -703,9 +708,7 @@ async fn sigterm_stops_a_service_still_waiting_for_the_broker() {
         ..Options::default()
     })
     .await;
-    let mut service = h.binary_command();
-    service.env("COPILOT_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
-    let service = spawn(service);
+    let service = service_on_broker(&h, "amqp://guest:guest@127.0.0.1:1/%2f");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (exited, said, took) = stop_with_sigterm(service).await;
     assert!(exited.success(), "{exited:?}\n{said}");
@@ -728,12 +731,7 @@ async fn sigterm_during_a_broker_outage_stops_cleanly() {
     let port = listener.local_addr().unwrap().port();
     let gone = tokio_util::sync::CancellationToken::new();
     tokio::spawn(forward_to_rabbitmq(listener, gone.clone()));
-    let mut service = h.binary_command();
-    service.env(
-        "COPILOT_AMQP_URL",
-        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-    );
-    let service = spawn(service);
+    let service = service_on_broker(&h, &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
     tokio::time::sleep(Duration::from_secs(3)).await;
     gone.cancel();
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -322,11 +322,8 @@ pub async fn update(settings: &Settings, store: &Store, args: UpdateArgs) -> any
                     ),
                 )]);
             };
-            let mut input = admin::patch::patched(stored, patch, |merged| {
-                serde_json::from_value(merged)
-                    .map_err(|err| FieldProblem::new("config", err.to_string()))
-            })
-            .map_err(|problem| vec![problem])?;
+            let mut input =
+                admin::patch::patched(stored, patch).map_err(|problem| vec![problem])?;
             input.api_key = api_key;
             input.into_config(&args.org, Some(stored), &keys, settings.endpoint_policy)
         })
